@@ -1,0 +1,114 @@
+"""Local data files on the cache disk: one file per inode, with space accounting.
+
+A data file is always exactly as long as the file it holds (truncate applies to it too), so after a
+crash its size is the truth for files that were being written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import os
+from pathlib import Path
+
+import trio
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheStatistics:
+    used_bytes: int
+    open_files: int
+
+
+class CacheFiles:
+    """Data files under `<cache_dir>/data/`. Descriptors are shared per inode and reference counted."""
+
+    def __init__(self, cache_dir: Path):
+        self.root = Path(cache_dir) / "data"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._fds: dict[int, list[int]] = {}  # inode -> [fd, references]
+        self.used_bytes = self._scan_used()
+
+    def path(self, ino: int) -> Path:
+        return self.root / f"{ino % 256:02x}" / str(ino)
+
+    def _scan_used(self) -> int:
+        total = 0
+        for sub in self.root.iterdir():
+            for entry in os.scandir(sub):
+                total += entry.stat().st_blocks * 512
+        return total
+
+    def exists(self, ino: int) -> bool:
+        return self.path(ino).exists()
+
+    def acquire(self, ino: int) -> int:
+        """An open descriptor for the inode's data file (created empty if missing)."""
+        slot = self._fds.get(ino)
+        if slot is None:
+            path = self.path(ino)
+            path.parent.mkdir(exist_ok=True)
+            slot = self._fds[ino] = [os.open(path, os.O_RDWR | os.O_CREAT, 0o600), 0]
+        slot[1] += 1
+        return slot[0]
+
+    def release(self, ino: int) -> None:
+        slot = self._fds[ino]
+        slot[1] -= 1
+        if slot[1] == 0:
+            os.close(slot[0])
+            del self._fds[ino]
+
+    def fd(self, ino: int) -> int:
+        return self._fds[ino][0]
+
+    def write(self, ino: int, offset: int, data: bytes) -> int:
+        fd = self.fd(ino)
+        before = os.fstat(fd).st_blocks if offset + len(data) > 0 else 0
+        written = os.pwrite(fd, data, offset)
+        self.used_bytes += (os.fstat(fd).st_blocks - before) * 512
+        return written
+
+    def read(self, ino: int, offset: int, size: int) -> bytes:
+        return os.pread(self.fd(ino), size, offset)
+
+    def truncate(self, ino: int, size: int) -> None:
+        fd = self.acquire(ino)
+        try:
+            before = os.fstat(fd).st_blocks
+            os.ftruncate(fd, size)
+            self.used_bytes += (os.fstat(fd).st_blocks - before) * 512
+        finally:
+            self.release(ino)
+
+    def size_of(self, ino: int) -> int | None:
+        try:
+            return self.path(ino).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    async def fsync(self, ino: int) -> None:
+        """fsync the data file; runs in a thread so other requests go on meanwhile."""
+        fd = self.acquire(ino)
+        try:
+            await trio.to_thread.run_sync(os.fsync, fd)
+        finally:
+            self.release(ino)
+
+    def remove(self, ino: int) -> None:
+        path = self.path(ino)
+        try:
+            self.used_bytes -= path.stat().st_blocks * 512
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def statistics(self) -> CacheStatistics:
+        return CacheStatistics(used_bytes=self.used_bytes, open_files=len(self._fds))
+
+
+def is_disk_full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)

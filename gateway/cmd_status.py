@@ -1,0 +1,150 @@
+"""`ckptfs status`, `ckptfs wait` and `ckptfs verify`: read the daemon's state through the mount."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from gateway.errors import CliError
+
+STATUS_XATTR = "user.ckptfs.status"
+STATE_XATTR = "user.ckptfs.state"
+
+
+def register(subparsers) -> None:
+    s = subparsers.add_parser("status", help="show dirty bytes, drain progress and errors")
+    s.add_argument("mountpoint")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("--watch", type=float, nargs="?", const=1.0, default=None, metavar="SECONDS",
+                   help="refresh every SECONDS (default 1)")
+    s.set_defaults(func=status_command)
+
+    w = subparsers.add_parser("wait", help="wait until everything written so far (or PATHs) is durable")
+    w.add_argument("mountpoint")
+    w.add_argument("paths", nargs="*", metavar="PATH")
+    w.add_argument("--timeout", type=float, default=None, help="give up after SECONDS (exit 1)")
+    w.set_defaults(func=wait_command)
+
+    v = subparsers.add_parser("verify", help="re-read objects from the bucket and compare digests")
+    v.add_argument("mountpoint")
+    v.add_argument("paths", nargs="*", metavar="PATH")
+    v.set_defaults(func=verify_command)
+
+
+def read_status(mountpoint: str) -> dict:
+    """The daemon's status object, or a CliError saying why there is none."""
+    try:
+        return json.loads(os.getxattr(mountpoint, STATUS_XATTR))
+    except FileNotFoundError:
+        raise CliError(f"{mountpoint} does not exist", code=2) from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise CliError(f"{mountpoint}: the ckptfs daemon is gone (run `fusermount3 -u {mountpoint}` "
+                           "and mount again; pending work is replayed)", code=3) from None
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise CliError(f"{mountpoint} is not a ckptfs mount", code=2) from None
+        raise CliError(f"{mountpoint}: {exc.strerror}", code=2) from None
+
+
+def status_command(args: argparse.Namespace) -> int:
+    while True:
+        status = read_status(args.mountpoint)
+        if args.json:
+            print(json.dumps(status, sort_keys=True))
+        else:
+            if args.watch:
+                sys.stdout.write("\x1b[2J\x1b[H")
+            print(format_status(status))
+        if not args.watch:
+            return 0
+        sys.stdout.flush()
+        time.sleep(args.watch)
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def format_status(s: dict) -> str:
+    def age(v):
+        return "-" if v is None else f"{v:.1f}s"
+
+    rows = [
+        ("mount", s["mountpoint"]),
+        ("bucket", f"s3://{s['bucket']}/{s['prefix']}".rstrip("/")),
+        ("endpoint", s.get("endpoint_url") or "(default)"),
+        ("cache dir", s["cache_dir"]),
+        ("cache used", human_bytes(s["cache_used_bytes"])),
+        ("dirty bytes", human_bytes(s["dirty_bytes"])),
+        ("files dirty/queued/uploading", f"{s['dirty_files']}/{s['queued_files']}/{s['uploading_files']}"),
+        ("files held (temporary names)", s["held_files"]),
+        ("files durable", s["durable_files"]),
+        ("stale objects to delete", s["stale_objects"]),
+        ("oldest pending", age(s["oldest_pending_age_s"])),
+        ("newest durable change", age(s["newest_durable_age_s"])),
+        ("drain rate (10 s)", human_bytes(s["drain_rate_bps"]) + "/s"),
+        ("uploaded", f"{human_bytes(s['uploaded_bytes_total'])} in {s['uploaded_files_total']} files"),
+        ("retries / errors", f"{s['retries_total']} / {s['errors_total']}"),
+        ("last error", s.get("last_error") or "-"),
+    ]
+    for key in ("cache_size_bytes", "evictable_bytes", "evictions_total", "backpressure_seconds_total"):
+        if key in s:
+            rows.append((key.replace("_", " "), s[key]))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def path_state(path: str) -> str:
+    try:
+        return os.getxattr(path, STATE_XATTR).decode()
+    except FileNotFoundError:
+        raise CliError(f"{path} does not exist", code=2) from None
+    except OSError as exc:
+        raise CliError(f"{path}: {exc.strerror} (is it inside a ckptfs mount?)", code=2) from None
+
+
+def wait_command(args: argparse.Namespace) -> int:
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    start = read_status(args.mountpoint)
+    target_gen = start["generation"]
+    while True:
+        if args.paths:
+            pending = [p for p in args.paths if path_state(_in_mount(args.mountpoint, p)) != "durable"]
+        else:
+            status = read_status(args.mountpoint)
+            pending = [] if status["durable_through_generation"] >= target_gen else [
+                f"{status['pending_files']} files ({human_bytes(status['dirty_bytes'])}) not yet durable"
+                + (f"; last error: {status['last_error']}" if status.get("last_error") else "")]
+        if not pending:
+            return 0
+        if deadline is not None and time.monotonic() >= deadline:
+            raise CliError("timed out; still pending: " + ", ".join(pending[:20]), code=1)
+        time.sleep(0.1)
+
+
+def _in_mount(mountpoint: str, path: str) -> str:
+    p = Path(path)
+    return str(p if p.is_absolute() else Path(mountpoint) / p)
+
+
+def verify_command(args: argparse.Namespace) -> int:
+    from gateway.verify import verify_paths
+
+    status = read_status(args.mountpoint)
+    paths = [_in_mount(args.mountpoint, p) for p in args.paths] or [args.mountpoint]
+    report = verify_paths(status, args.mountpoint, paths)
+    for line in report.problems:
+        print(line)
+    print(f"verified {report.checked} objects: {len(report.problems)} problems")
+    return 1 if report.problems else 0

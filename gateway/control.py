@@ -1,0 +1,131 @@
+"""Status for users and tools: per-file state as xattrs and the daemon's status as JSON.
+
+Read-only virtual attributes (never stored, never credentials):
+  user.ckptfs.state   file: dirty | held | queued | uploading | durable;
+                      directory: durable (it and everything below) | pending
+  user.ckptfs.key     the object key the file is (or will be) stored under
+  user.ckptfs.digest  xxh3-128 of the content last published
+  user.ckptfs.status  (any inode, usually the mount root) the daemon status as one JSON object
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import time
+
+import trio
+
+from gateway.errors import FsError
+from gateway.namespace import ROOT_INODE
+
+
+class Control:
+    def __init__(self, ns, cache, drain, journal, config, started_at: float | None = None):
+        self.ns = ns
+        self.cache = cache
+        self.drain = drain
+        self.journal = journal
+        self.config = config
+        self.started_at = started_at or time.time()
+        self.ops = None  # gateway.fs.Operations, for op counters
+        self.backpressure = None  # gateway.space.SpaceGuard when a cache size is enforced
+
+    async def commit_durable(self) -> None:
+        """Make every journal commit so far survive power loss (fsync, fsyncdir)."""
+        await trio.to_thread.run_sync(self.journal.sync_wal)
+
+    def get_xattr(self, ino: int, name: bytes) -> bytes:
+        if name == b"user.ckptfs.state":
+            return self.state_of(ino).encode()
+        if name == b"user.ckptfs.key":
+            path = self.ns.path_of(ino)
+            if path is None:
+                raise FsError(errno.ENODATA)
+            return self.full_key(path + ("/" if self.ns.getattr(ino).is_dir else "")).encode()
+        if name == b"user.ckptfs.digest":
+            digest = self.ns.getattr(ino).digest
+            if not digest:
+                raise FsError(errno.ENODATA)
+            return digest.encode()
+        if name == b"user.ckptfs.status":
+            return json.dumps(self.status(), sort_keys=True).encode()
+        raise FsError(errno.ENODATA)
+
+    def full_key(self, path: str) -> str:
+        return f"{self.config.prefix}/{path}" if self.config.prefix else path
+
+    def state_of(self, ino: int) -> str:
+        attr = self.ns.getattr(ino)
+        if attr.is_dir:
+            return "pending" if self._subtree_pending(ino) else "durable"
+        if attr.durable:
+            return "durable"
+        if ino in self.drain.busy_inodes:
+            return "uploading"
+        if attr.ready_seq is None or self.ns.writers(ino) > 0:
+            return "dirty"
+        path = self.ns.path_of(ino) or ""
+        if self.drain.is_held(path) and time.time() - attr.changed_at < self.config.hold_limit_s:
+            return "held"
+        return "queued"
+
+    def _subtree_pending(self, ino: int) -> bool:
+        if ino != ROOT_INODE and not self.ns.getattr(ino).durable:
+            return True
+        row = self.journal.one(
+            "WITH RECURSIVE sub(i) AS (SELECT inode FROM dentries WHERE parent=? "
+            "UNION ALL SELECT d.inode FROM dentries d JOIN sub ON d.parent = sub.i) "
+            "SELECT 1 FROM sub JOIN inodes ON inodes.id = sub.i WHERE inodes.durable = 0 LIMIT 1",
+            (ino,),
+        )
+        return row is not None
+
+    def status(self) -> dict:
+        """The status object shown by `ckptfs status --json` (and used by `ckptfs wait`)."""
+        now = time.time()
+        view = self.drain.view
+        counters = self.drain.counters
+        cache_stats = self.cache.statistics()
+        status = {
+            "mountpoint": self.config.mountpoint,
+            "bucket": self.config.bucket,
+            "prefix": self.config.prefix,
+            "endpoint_url": self.config.endpoint_url,
+            "cache_dir": self.config.cache_dir,
+            "pid": os.getpid(),
+            "uptime_s": round(now - self.started_at, 3),
+            "drain_timeout_s": self.config.drain_timeout_s,
+            "cache_used_bytes": cache_stats.used_bytes,
+            "dirty_files": view.dirty_files,
+            "queued_files": view.queued_files,
+            "uploading_files": view.uploading_files,
+            "held_files": view.held_files,
+            "pending_files": view.dirty_files + view.queued_files + view.uploading_files,
+            "dirty_bytes": view.dirty_bytes,
+            "stale_objects": view.stale_objects,
+            "durable_files": self._durable_files(),
+            "oldest_pending_age_s": None if view.oldest_pending_at is None else round(now - view.oldest_pending_at, 3),
+            "newest_durable_age_s": None if counters.newest_durable_change_at is None
+            else round(now - counters.newest_durable_change_at, 3),
+            "drain_rate_bps": round(self.drain.drain_rate_bps()),
+            "uploaded_bytes_total": counters.uploaded_bytes,
+            "uploaded_files_total": counters.uploaded_files,
+            "copied_files_total": counters.copied_files,
+            "deleted_objects_total": counters.deleted_objects,
+            "retries_total": counters.retries,
+            "errors_total": counters.errors,
+            "last_error": counters.last_error,
+            "last_error_age_s": None if counters.last_error_at is None else round(now - counters.last_error_at, 3),
+            "generation": self.ns.gen,
+            "durable_through_generation": view.durable_through_gen,
+        }
+        if self.backpressure is not None:
+            status.update(self.backpressure.statistics())
+        if self.ops is not None:
+            status["fuse_ops_total"] = dict(self.ops.op_counts)
+        return status
+
+    def _durable_files(self) -> int:
+        return self.journal.one("SELECT count(*) FROM inodes WHERE durable=1 AND nlink>0 AND (mode & 61440) = 32768")[0]

@@ -1,0 +1,197 @@
+"""The gateway daemon: recover the journal, check the bucket, mount, serve, drain on the way out.
+
+Start-up order (DESIGN.md invariant 5): lock the cache dir, replay the journal, check the bucket,
+and only then mount, so the first request sees the recovered namespace. Shutdown (unmount or
+SIGTERM): leave the FUSE loop, unmount, drain for up to `drain_timeout_s` (not with `no_drain`),
+and exit; whatever is left stays in the journal for the next mount.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import faulthandler
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Callable
+
+import pyfuse3
+import trio
+
+from gateway.cache import CacheFiles
+from gateway.config import Config
+from gateway.control import Control
+from gateway.drain import Drain
+from gateway.errors import CliError, StoreError
+from gateway.fs import Operations
+from gateway.journal import Journal
+from gateway.namespace import Namespace
+from gateway.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def lock_cache_dir(cache_dir: Path) -> int:
+    """Take an exclusive lock on the cache dir, or explain who holds it."""
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise CliError(f"cache dir {cache_dir} is not usable: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise CliError(f"cache dir {cache_dir} is in use by a running ckptfs daemon (pid {holder})") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def recover(ns: Namespace, cache: CacheFiles, journal: Journal) -> dict:
+    """Replay what a crash left: sizes of files being written, readiness, unlinked inodes, stray data."""
+    repaired = 0
+    for ino, size in journal.all("SELECT id, size FROM inodes WHERE content_dirty=1 AND nlink>0 AND (mode & 61440) = 32768"):
+        actual = cache.size_of(ino)
+        if actual is None:
+            cache.truncate(ino, 0)  # created but never written before the crash
+            actual = 0
+        if actual != size:
+            journal.execute("UPDATE inodes SET size=? WHERE id=?", (actual, ino))
+            repaired += 1
+    unready = [r[0] for r in journal.all(
+        "SELECT id FROM inodes WHERE ready_seq IS NULL AND durable=0 AND nlink>0 ORDER BY changed_at")]
+    for ino in unready:
+        ns.mark_ready(ino)  # its writers died with the old daemon: it is closed now
+    purged = ns.purge_unlinked()
+    known = {r[0] for r in journal.all("SELECT id FROM inodes")}
+    strays = 0
+    for sub in cache.root.iterdir():
+        for entry in os.scandir(sub):
+            if entry.name.isdigit() and int(entry.name) not in known:
+                cache.remove(int(entry.name))
+                strays += 1
+    summary = {"sizes_repaired": repaired, "made_ready": len(unready), "purged": len(purged), "stray_data": strays}
+    if any(summary.values()):
+        log.info("recovered the journal: %s", summary)
+    return summary
+
+
+def mount_options(config: Config) -> set[str]:
+    options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
+    options.add("fsname=ckptfs")
+    options.add(f"subtype=ckptfs")
+    if config.allow_other:
+        options.add("allow_other")
+    return options
+
+
+async def serve(config: Config, on_ready: Callable[[], None]) -> None:
+    """Run one mount until it is unmounted or the daemon is signalled."""
+    cache_dir = Path(config.cache_dir)
+    lock_fd = lock_cache_dir(cache_dir)
+    journal = Journal(cache_dir / "journal.db")
+    try:
+        await _serve_locked(config, journal, on_ready)
+    finally:
+        journal.close()
+        os.close(lock_fd)
+
+
+async def _serve_locked(config: Config, journal: Journal, on_ready: Callable[[], None]) -> None:
+    cache = CacheFiles(Path(config.cache_dir))
+    ns = Namespace(journal, uid=os.getuid(), gid=os.getgid(), on_purge=cache.remove)
+    recover(ns, cache, journal)
+    async with Store(config.bucket, config.prefix, endpoint_url=config.endpoint_url, region=config.region,
+                     max_connections=config.upload_concurrency + 8) as store:
+        try:
+            with trio.fail_after(30):
+                await store.check_bucket()
+        except (StoreError, trio.TooSlowError) as exc:
+            raise CliError(f"cannot use s3://{config.bucket}: {exc or 'no answer within 30 s'}") from None
+        drain = Drain(ns, cache, store, journal, config)
+        control = Control(ns, cache, drain, journal, config)
+        ops = Operations(ns, cache, control)
+        control.ops = ops
+        await _run_mounted(config, ops, drain, on_ready)
+
+
+async def _run_mounted(config: Config, ops: Operations, drain: Drain, on_ready: Callable[[], None]) -> None:
+    no_drain = {"set": config.no_drain}
+    try:
+        pyfuse3.init(ops, config.mountpoint, mount_options(config))
+    except RuntimeError as exc:
+        raise CliError(f"cannot mount at {config.mountpoint}: {exc}") from None
+    clean = False
+    async with trio.open_nursery() as nursery:
+        await nursery.start(drain.run)
+        nursery.start_soon(_watch_signals, no_drain)
+        _start_metrics(config, ops.control)
+        on_ready()
+        log.info("mounted s3://%s/%s at %s (cache %s)", config.bucket, config.prefix, config.mountpoint,
+                 config.cache_dir)
+        try:
+            await pyfuse3.main()
+            clean = True
+        finally:
+            pyfuse3.close(unmount=clean)
+        if not no_drain["set"]:
+            await _drain_before_exit(drain, config.drain_timeout_s)
+        drain.stop()
+        nursery.cancel_scope.cancel()
+
+
+async def _drain_before_exit(drain: Drain, timeout_s: float) -> None:
+    log.info("unmounted; draining pending uploads for up to %.0fs", timeout_s)
+    if await drain.wait_idle(timeout_s):
+        log.info("everything is durable")
+    else:
+        v = drain.view
+        log.warning("drain timeout: %d files (%d bytes) stay pending in the journal for the next mount",
+                    v.dirty_files + v.queued_files + v.uploading_files, v.dirty_bytes)
+
+
+async def _watch_signals(no_drain: dict) -> None:
+    """SIGTERM/SIGINT end the FUSE loop (then drain); SIGUSR2 means: exit without draining."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR2) as signals:
+        async for signum in signals:
+            if signum == signal.SIGUSR2:
+                no_drain["set"] = True
+                log.info("SIGUSR2: will not drain on exit")
+                continue
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+
+
+def _start_metrics(config: Config, control: Control) -> None:
+    if not config.metrics_addr:
+        return
+    try:
+        from gateway.metrics import start_metrics_server
+    except ImportError:
+        log.warning("metrics requested but gateway.metrics is not available")
+        return
+    start_metrics_server(config.metrics_addr, control.status)
+
+
+def configure_logging(config: Config) -> None:
+    handlers: list[logging.Handler] = []
+    if config.log_file:
+        handlers.append(logging.FileHandler(config.log_file))
+    else:
+        handlers.append(logging.StreamHandler())
+    logging.basicConfig(level=config.log_level.upper(), handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("botocore", "aiobotocore", "httpx", "httpcore", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    faulthandler.enable()
+
+
+def run(config: Config, on_ready: Callable[[], None]) -> None:
+    configure_logging(config)
+    trio.run(serve, config, on_ready)

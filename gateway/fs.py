@@ -1,0 +1,326 @@
+"""FUSE operations: translate each request into namespace/cache calls and errors into errno.
+
+No policy and no network here (DESIGN.md invariant 4). Every handler funnels its errors through
+`fuse_errors`, the one place where domain errors become `FUSEError`; an unexpected exception is
+logged with its traceback and answered EIO instead of ending the mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import logging
+import os
+import stat
+from typing import Callable
+
+import pyfuse3
+
+from gateway.cache import CacheFiles, is_disk_full
+from gateway.errors import FsError
+from gateway.namespace import Attr, Namespace
+
+log = logging.getLogger(__name__)
+
+# The kernel may cache names and attributes this long; the daemon is the only writer of its tree,
+# so only other nodes' files (visible after --metadata-ttl) are affected by it.
+ATTR_TIMEOUT_S = 5.0
+XATTR_PREFIX = b"user."
+CONTROL_XATTR_PREFIX = b"user.ckptfs."
+
+
+def fuse_errors(handler: Callable) -> Callable:
+    """Turn FsError and OSError into FUSEError; log and answer EIO for anything unexpected."""
+
+    @functools.wraps(handler)
+    async def wrapper(self, *args):
+        self.op_counts[handler.__name__] = self.op_counts.get(handler.__name__, 0) + 1
+        try:
+            return await handler(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except FsError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except OSError as exc:
+            if is_disk_full(exc):
+                log.error("%s: cache disk full (%s); the write was not acknowledged", handler.__name__, exc)
+            else:
+                log.error("%s failed: %s", handler.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s%r failed unexpectedly", handler.__name__, args[:2])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class Handle:
+    __slots__ = ("ino", "writable", "append")
+
+    def __init__(self, ino: int, writable: bool, append: bool):
+        self.ino = ino
+        self.writable = writable
+        self.append = append
+
+
+class Operations(pyfuse3.Operations):
+    """The request handlers. `control` answers the virtual user.ckptfs.* attributes."""
+
+    enable_writeback_cache = True
+    supports_dot_lookup = True
+
+    def __init__(self, namespace: Namespace, cache: CacheFiles, control, reader=None):
+        super().__init__()
+        self.ns = namespace
+        self.cache = cache
+        self.control = control
+        self.reader = reader  # fills data files of evicted or remote-only files (gateway/reader.py)
+        self.handles: dict[int, Handle] = {}
+        self._fh_counter = itertools.count(1)
+        self.op_counts: dict[str, int] = {}
+
+    # ---- attributes ----------------------------------------------------------------------
+
+    def entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = attr.id
+        e.generation = 0
+        e.entry_timeout = ATTR_TIMEOUT_S
+        e.attr_timeout = ATTR_TIMEOUT_S
+        e.st_mode = attr.mode
+        e.st_nlink = attr.nlink
+        e.st_uid = attr.uid
+        e.st_gid = attr.gid
+        e.st_rdev = attr.rdev
+        e.st_size = attr.size
+        e.st_blksize = 128 * 1024
+        e.st_blocks = (attr.size + 511) // 512
+        e.st_atime_ns = attr.atime_ns
+        e.st_mtime_ns = attr.mtime_ns
+        e.st_ctime_ns = attr.ctime_ns
+        return e
+
+    def _entry_remembered(self, attr: Attr) -> pyfuse3.EntryAttributes:
+        self.ns.remember(attr.id)
+        return self.entry(attr)
+
+    @fuse_errors
+    async def lookup(self, parent_inode, name, ctx=None):
+        return self._entry_remembered(self.ns.lookup(parent_inode, name))
+
+    async def forget(self, inode_list):
+        for ino, count in inode_list:
+            try:
+                self.ns.forget(ino, count)
+            except Exception:
+                log.exception("forget(%d) failed", ino)
+
+    @fuse_errors
+    async def getattr(self, inode, ctx=None):
+        return self.entry(self.ns.getattr(inode))
+
+    @fuse_errors
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        size = attr.st_size if fields.update_size else None
+        if size is not None:
+            if self.ns.getattr(inode).is_dir:
+                raise FsError(errno.EISDIR)
+            await self._ensure_local(inode)
+            self.cache.truncate(inode, size)
+        result = self.ns.setattr(
+            inode,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=size,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        return self.entry(result)
+
+    @fuse_errors
+    async def statfs(self, ctx):
+        vfs = os.statvfs(self.cache.root)
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = vfs.f_bsize
+        data.f_frsize = vfs.f_frsize
+        data.f_blocks = vfs.f_blocks
+        data.f_bfree = vfs.f_bfree
+        data.f_bavail = vfs.f_bavail
+        data.f_files = vfs.f_files
+        data.f_ffree = vfs.f_ffree
+        data.f_favail = vfs.f_favail
+        data.f_namemax = 255
+        return data
+
+    # ---- directories ------------------------------------------------------------------------
+
+    @fuse_errors
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        attr = self.ns.create(parent_inode, name, stat.S_IFDIR | (mode & ~ctx.umask & 0o7777), ctx.uid, ctx.gid)
+        return self._entry_remembered(attr)
+
+    @fuse_errors
+    async def rmdir(self, parent_inode, name, ctx):
+        self.ns.rmdir(parent_inode, name)
+
+    @fuse_errors
+    async def opendir(self, inode, ctx):
+        if not self.ns.getattr(inode).is_dir:
+            raise FsError(errno.ENOTDIR)
+        return inode
+
+    @fuse_errors
+    async def readdir(self, fh, start_id, token):
+        if self.reader is not None:
+            await self.reader.list_directory(fh)
+        while True:
+            rows = self.ns.readdir(fh, start_id)
+            if not rows:
+                return
+            for offset, name, ino in rows:
+                attr = self.ns.getattr(ino)
+                if not pyfuse3.readdir_reply(token, bytes(name), self.entry(attr), offset):
+                    return
+                self.ns.remember(ino)
+                start_id = offset
+
+    async def releasedir(self, fh):
+        pass
+
+    @fuse_errors
+    async def fsyncdir(self, fh, datasync):
+        await self.control.commit_durable()
+
+    # ---- names --------------------------------------------------------------------------
+
+    @fuse_errors
+    async def unlink(self, parent_inode, name, ctx):
+        self.ns.unlink(parent_inode, name)
+
+    @fuse_errors
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        self.ns.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    @fuse_errors
+    async def symlink(self, parent_inode, name, target, ctx):
+        attr = self.ns.create(parent_inode, name, stat.S_IFLNK | 0o777, ctx.uid, ctx.gid, target=target)
+        return self._entry_remembered(attr)
+
+    @fuse_errors
+    async def readlink(self, inode, ctx):
+        attr = self.ns.getattr(inode)
+        if not stat.S_ISLNK(attr.mode):
+            raise FsError(errno.EINVAL)
+        return attr.target
+
+    @fuse_errors
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        # One file = one object: a second name would need a second object that silently diverges.
+        raise FsError(errno.EPERM)
+
+    @fuse_errors
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        if not stat.S_ISREG(mode):
+            raise FsError(errno.EPERM)  # only regular files can become objects
+        attr = self.ns.create(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid)
+        self.cache.truncate(attr.id, 0)
+        self.ns.mark_ready(attr.id)
+        return self._entry_remembered(attr)
+
+    # ---- files ----------------------------------------------------------------------------
+
+    def _open_handle(self, ino: int, flags: int) -> pyfuse3.FileInfo:
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        self.cache.acquire(ino)
+        self.ns.opened(ino, writable)
+        fh = next(self._fh_counter)
+        self.handles[fh] = Handle(ino, writable, bool(flags & os.O_APPEND))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @fuse_errors
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        attr = self.ns.create(parent_inode, name, stat.S_IFREG | (mode & ~ctx.umask & 0o7777), ctx.uid, ctx.gid)
+        self.cache.truncate(attr.id, 0)
+        info = self._open_handle(attr.id, flags)
+        return info, self._entry_remembered(attr)
+
+    @fuse_errors
+    async def open(self, inode, flags, ctx):
+        attr = self.ns.getattr(inode)
+        if attr.is_dir:
+            raise FsError(errno.EISDIR)
+        await self._ensure_local(inode)
+        info = self._open_handle(inode, flags)
+        if flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY and attr.size:
+            self.cache.truncate(inode, 0)
+            self.ns.setattr(inode, size=0)
+        return info
+
+    async def _ensure_local(self, ino: int) -> None:
+        """Files evicted from the cache or known only from the bucket are fetched before use."""
+        if self.reader is not None:
+            await self.reader.ensure_local(ino)
+
+    @fuse_errors
+    async def read(self, fh, off, size):
+        handle = self.handles[fh]
+        if self.reader is not None:
+            return await self.reader.read(handle.ino, off, size)
+        return self.cache.read(handle.ino, off, size)
+
+    @fuse_errors
+    async def write(self, fh, off, buf):
+        handle = self.handles[fh]
+        written = self.cache.write(handle.ino, off, buf)
+        self.ns.note_write(handle.ino, off + written)
+        return written
+
+    @fuse_errors
+    async def flush(self, fh):
+        self.ns.record_size(self.handles[fh].ino)
+
+    @fuse_errors
+    async def fsync(self, fh, datasync):
+        ino = self.handles[fh].ino
+        await self.cache.fsync(ino)
+        self.ns.record_size(ino)
+        await self.control.commit_durable()
+
+    async def release(self, fh):
+        handle = self.handles.pop(fh)
+        try:
+            self.ns.closed(handle.ino, handle.writable)
+        except Exception:
+            log.exception("release of inode %d failed", handle.ino)
+        finally:
+            self.cache.release(handle.ino)
+
+    # ---- extended attributes ------------------------------------------------------------
+
+    @fuse_errors
+    async def getxattr(self, inode, name, ctx):
+        if name.startswith(CONTROL_XATTR_PREFIX):
+            return self.control.get_xattr(inode, name)
+        if not name.startswith(XATTR_PREFIX):
+            raise FsError(errno.ENODATA)
+        return self.ns.get_xattr(inode, name)
+
+    @fuse_errors
+    async def setxattr(self, inode, name, value, ctx):
+        if name.startswith(CONTROL_XATTR_PREFIX):
+            raise FsError(errno.EPERM)  # read-only status attributes
+        if not name.startswith(XATTR_PREFIX):
+            raise FsError(errno.ENOTSUP)
+        self.ns.set_xattr(inode, name, value)
+
+    @fuse_errors
+    async def listxattr(self, inode, ctx):
+        return self.ns.list_xattrs(inode)
+
+    @fuse_errors
+    async def removexattr(self, inode, name, ctx):
+        if name.startswith(CONTROL_XATTR_PREFIX):
+            raise FsError(errno.EPERM)
+        self.ns.remove_xattr(inode, name)

@@ -1,0 +1,74 @@
+"""Prometheus text endpoint (``--metrics-addr HOST:PORT``, off by default).
+
+A custom collector reads the daemon's stats dict on every scrape, so the daemon keeps plain
+counters and nothing here touches its state. Served by prometheus_client on its own thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterator
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from gateway.config import parse_addr
+
+log = logging.getLogger(__name__)
+
+# stats key -> (metric name, type, help). Counters get "_total" appended by prometheus_client.
+METRICS: dict[str, tuple[str, str, str]] = {
+    "dirty_bytes": ("ckptfs_dirty_bytes", "gauge", "Bytes written locally and not yet in the bucket"),
+    "queued_files": ("ckptfs_queued_files", "gauge", "Files waiting to be uploaded"),
+    "uploading_files": ("ckptfs_uploading_files", "gauge", "Files being uploaded now"),
+    "uploaded_bytes_total": ("ckptfs_uploaded_bytes", "counter", "Bytes uploaded to the bucket"),
+    "upload_errors_total": ("ckptfs_upload_errors", "counter", "Failed upload requests"),
+    "retries_total": ("ckptfs_retries", "counter", "Retried object-store requests"),
+    "oldest_pending_age_s": ("ckptfs_oldest_pending_age_seconds", "gauge", "Age of the oldest file not yet durable"),
+    "newest_durable_age_s": ("ckptfs_newest_durable_age_seconds", "gauge", "Seconds since a file last became durable"),
+    "backpressure_seconds_total": ("ckptfs_backpressure_seconds", "counter", "Time writers were blocked on a full cache"),
+    "cache_used_bytes": ("ckptfs_cache_used_bytes", "gauge", "Bytes used in the local cache"),
+    "evictions_total": ("ckptfs_evictions", "counter", "Clean files evicted from the cache"),
+}
+
+
+class StatsCollector(Collector):
+    """Turns one `stats_fn()` dict into metric families; missing keys are skipped."""
+
+    def __init__(self, stats_fn: Callable[[], dict[str, Any]]):
+        self.stats_fn = stats_fn
+
+    def collect(self) -> Iterator[Any]:
+        try:
+            stats = self.stats_fn()
+        except Exception:  # a broken stats source must not break the scrape
+            log.exception("metrics: stats function failed")
+            stats = None
+        up = GaugeMetricFamily("ckptfs_stats_up", "1 if the daemon's statistics could be read")
+        up.add_metric([], 0 if stats is None else 1)
+        yield up
+        if stats is None:
+            return
+        for key, (name, kind, doc) in METRICS.items():
+            value = stats.get(key)
+            if value is None:
+                continue
+            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            yield family(name, doc, value=float(value))
+        ops = stats.get("fuse_ops_total")
+        if ops:
+            family = CounterMetricFamily("ckptfs_fuse_ops", "FUSE requests by operation", labels=["op"])
+            for op, count in sorted(ops.items()):
+                family.add_metric([str(op)], float(count))
+            yield family
+
+
+def start_metrics_server(addr: str, stats_fn: Callable[[], dict[str, Any]]) -> tuple[Any, Any]:
+    """Serve /metrics on `addr` ('HOST:PORT') in a daemon thread; returns (server, thread)."""
+    host, port = parse_addr(addr)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatsCollector(stats_fn))
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    log.info("metrics on http://%s:%d/metrics", host, server.server_port)
+    return server, thread

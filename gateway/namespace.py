@@ -1,0 +1,540 @@
+"""Inodes, directory entries and per-file drain state, kept in the journal.
+
+Every method is synchronous and commits before it returns, so a namespace change that was answered
+survives kill -9 of the daemon (the WAL is in the page cache). Errors are `FsError(errno)`.
+Lookup counts and open handles are in memory: the kernel forgets them when the daemon dies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import stat
+import time
+from typing import Callable, Iterator
+
+from gateway.errors import FsError
+from gateway.journal import Journal
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = 1
+NAME_MAX = 255
+INODE_COLUMNS = (
+    "id, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, target, nlink, "
+    "content_dirty, durable, ready_seq, changed_gen, changed_at, digest, cached"
+)
+
+
+@dataclasses.dataclass(slots=True)
+class Attr:
+    """One inode row. `size` and `mtime_ns` include writes not yet recorded in the journal."""
+
+    id: int
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    rdev: int
+    target: bytes | None
+    nlink: int
+    content_dirty: int
+    durable: int
+    ready_seq: int | None
+    changed_gen: int
+    changed_at: float
+    digest: str | None
+    cached: int
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+
+@dataclasses.dataclass(slots=True)
+class OpenState:
+    """In-memory state of a file with open handles; writes update it without touching SQL."""
+
+    handles: int = 0
+    writers: int = 0
+    version: int = 0          # bumped on every content change; the drain compares it around an upload
+    size: int | None = None   # current size while writes are pending in memory
+    mtime_ns: int | None = None
+    written: bool = False     # written since the journal last recorded size and mtime
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+def check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise FsError(errno.ENAMETOOLONG)
+    if b"/" in name or b"\0" in name or name in (b"", b".", b".."):
+        raise FsError(errno.EINVAL)
+
+
+class Namespace:
+    """The file tree. `on_change` is called (synchronously) after any change the drain must see."""
+
+    def __init__(self, journal: Journal, *, uid: int, gid: int, on_purge: Callable[[int], None]):
+        self.journal = journal
+        self.on_purge = on_purge
+        self.on_change: Callable[[], None] = lambda: None
+        self.lookups: dict[int, int] = {}
+        self.open: dict[int, OpenState] = {}
+        self.entry_of: dict[int, tuple[int, bytes]] = {}
+        self._ensure_root(uid, gid)
+        self._load_tree()
+        self.gen = int(journal.one("SELECT coalesce(max(changed_gen), 0) FROM inodes")[0])
+        self.seq = int(journal.one("SELECT coalesce(max(ready_seq), 0) FROM inodes")[0])
+
+    # ---- loading -------------------------------------------------------------------------
+
+    def _ensure_root(self, uid: int, gid: int) -> None:
+        if self.journal.one("SELECT id FROM inodes WHERE id=?", (ROOT_INODE,)) is None:
+            t = now_ns()
+            self.journal.execute(
+                "INSERT INTO inodes (id, mode, uid, gid, atime_ns, mtime_ns, ctime_ns, nlink, "
+                "content_dirty, durable) VALUES (?, ?, ?, ?, ?, ?, ?, 2, 0, 1)",
+                (ROOT_INODE, stat.S_IFDIR | 0o755, uid, gid, t, t, t),
+            )
+
+    def _load_tree(self) -> None:
+        for parent, name, inode in self.journal.all("SELECT parent, name, inode FROM dentries"):
+            self.entry_of[inode] = (parent, bytes(name))
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def getattr(self, ino: int) -> Attr:
+        row = self.journal.one(f"SELECT {INODE_COLUMNS} FROM inodes WHERE id=?", (ino,))
+        if row is None:
+            raise FsError(errno.ENOENT)
+        attr = Attr(*row)
+        state = self.open.get(ino)
+        if state is not None:
+            if state.size is not None:
+                attr.size = state.size
+            if state.mtime_ns is not None:
+                attr.mtime_ns = state.mtime_ns
+        return attr
+
+    def lookup(self, parent: int, name: bytes) -> Attr:
+        if len(name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        if name == b".":
+            return self.getattr(parent)
+        if name == b"..":
+            return self.getattr(self.entry_of.get(parent, (ROOT_INODE, b""))[0])
+        row = self.journal.one("SELECT inode FROM dentries WHERE parent=? AND name=?", (parent, name))
+        if row is None:
+            if not self.getattr(parent).is_dir:
+                raise FsError(errno.ENOTDIR)
+            raise FsError(errno.ENOENT)
+        return self.getattr(row[0])
+
+    def child_id(self, parent: int, name: bytes) -> int | None:
+        row = self.journal.one("SELECT inode FROM dentries WHERE parent=? AND name=?", (parent, name))
+        return None if row is None else row[0]
+
+    def readdir(self, ino: int, start_id: int, limit: int = 512) -> list[tuple[int, bytes, int]]:
+        """Entries after offset `start_id` as (next_offset, name, inode)."""
+        return self.journal.all(
+            "SELECT id, name, inode FROM dentries WHERE parent=? AND id>? ORDER BY id LIMIT ?",
+            (ino, start_id, limit),
+        )
+
+    def has_children(self, ino: int) -> bool:
+        return self.journal.one("SELECT 1 FROM dentries WHERE parent=? LIMIT 1", (ino,)) is not None
+
+    def path_of(self, ino: int) -> str | None:
+        """The path relative to the mount root ('' for the root), or None if unlinked."""
+        parts: list[bytes] = []
+        while ino != ROOT_INODE:
+            entry = self.entry_of.get(ino)
+            if entry is None:
+                return None
+            ino, name = entry
+            parts.append(name)
+        return "/".join(p.decode("utf-8", "surrogateescape") for p in reversed(parts))
+
+    def resolve(self, path: str) -> int | None:
+        """The inode at `path` (relative to the root), or None."""
+        ino = ROOT_INODE
+        for part in filter(None, path.split("/")):
+            child = self.child_id(ino, part.encode("utf-8", "surrogateescape"))
+            if child is None:
+                return None
+            ino = child
+        return ino
+
+    def descendants(self, ino: int) -> list[int]:
+        """All inodes below directory `ino` (not `ino` itself)."""
+        rows = self.journal.all(
+            "WITH RECURSIVE sub(i) AS (SELECT inode FROM dentries WHERE parent=? "
+            "UNION ALL SELECT d.inode FROM dentries d JOIN sub ON d.parent = sub.i) SELECT i FROM sub",
+            (ino,),
+        )
+        return [r[0] for r in rows]
+
+    # ---- creating and removing ----------------------------------------------------------
+
+    def create(
+        self, parent: int, name: bytes, mode: int, uid: int, gid: int, *, target: bytes | None = None,
+        rdev: int = 0,
+    ) -> Attr:
+        check_name(name)
+        parent_attr = self.getattr(parent)
+        if not parent_attr.is_dir:
+            raise FsError(errno.ENOTDIR)
+        if parent_attr.nlink == 0:
+            raise FsError(errno.ENOENT)
+        if self.child_id(parent, name) is not None:
+            raise FsError(errno.EEXIST)
+        t = now_ns()
+        gen = self._next_gen()
+        is_dir = stat.S_ISDIR(mode)
+        # A new file is not ready until its creator closes it; directories and symlinks are ready now.
+        ready = None if stat.S_ISREG(mode) else self._next_seq()
+        with self.journal.transaction():
+            cur = self.journal.execute(
+                "INSERT INTO inodes (mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, target, "
+                "nlink, content_dirty, durable, ready_seq, changed_gen, changed_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, 0, ?, ?, ?)",
+                (mode, uid, gid, len(target or b""), t, t, t, rdev, target, 2 if is_dir else 1,
+                 ready, gen, time.time()),
+            )
+            ino = cur.lastrowid
+            self.journal.execute(
+                "INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)", (parent, name, ino)
+            )
+            self._touch_dir(parent, t, gen)
+        self.entry_of[ino] = (parent, name)
+        self.on_change()
+        return self.getattr(ino)
+
+    def unlink(self, parent: int, name: bytes) -> int:
+        ino = self._existing_child(parent, name)
+        if self.getattr(ino).is_dir:
+            raise FsError(errno.EISDIR)
+        self._remove_entry(parent, name, ino)
+        return ino
+
+    def rmdir(self, parent: int, name: bytes) -> int:
+        ino = self._existing_child(parent, name)
+        if not self.getattr(ino).is_dir:
+            raise FsError(errno.ENOTDIR)
+        if self.has_children(ino):
+            raise FsError(errno.ENOTEMPTY)
+        self._remove_entry(parent, name, ino)
+        return ino
+
+    def _existing_child(self, parent: int, name: bytes) -> int:
+        if name in (b".", b".."):
+            raise FsError(errno.EINVAL if name == b"." else errno.ENOTEMPTY)
+        ino = self.child_id(parent, name)
+        if ino is None:
+            self.getattr(parent)
+            raise FsError(errno.ENOENT)
+        return ino
+
+    def _remove_entry(self, parent: int, name: bytes, ino: int) -> None:
+        """Drop the name; its objects become stale (deleted by the drain); data goes when forgotten."""
+        t = now_ns()
+        gen = self._next_gen()
+        with self.journal.transaction():
+            self.journal.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
+            self.journal.execute(
+                "UPDATE inodes SET nlink=0, ctime_ns=?, durable=1, ready_seq=NULL WHERE id=?", (t, ino)
+            )
+            self.journal.execute("UPDATE objects SET inode=NULL WHERE inode=?", (ino,))
+            self._touch_dir(parent, t, gen)
+        self.entry_of.pop(ino, None)
+        self._maybe_purge(ino)
+        self.on_change()
+
+    def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int) -> int | None:
+        """Atomic rename. Returns the inode that lost its name (replaced target), if any."""
+        check_name(new_name)
+        ino = self._existing_child(old_parent, old_name)
+        if not self.getattr(new_parent).is_dir:
+            raise FsError(errno.ENOTDIR)
+        target = self.child_id(new_parent, new_name)
+        moving = self.getattr(ino)
+        if moving.is_dir and (new_parent == ino or new_parent in self.descendants(ino)):
+            raise FsError(errno.EINVAL)
+        exchange = bool(flags & RENAME_EXCHANGE)
+        if flags & RENAME_NOREPLACE and target is not None:
+            raise FsError(errno.EEXIST)
+        if exchange:
+            if target is None:
+                raise FsError(errno.ENOENT)
+            return self._exchange(old_parent, old_name, ino, new_parent, new_name, target)
+        if target == ino:
+            return None
+        if target is not None:
+            self._check_replace(moving, self.getattr(target))
+        t = now_ns()
+        gen = self._next_gen()
+        with self.journal.transaction():
+            if target is not None:
+                self.journal.execute("DELETE FROM dentries WHERE parent=? AND name=?", (new_parent, new_name))
+                self.journal.execute(
+                    "UPDATE inodes SET nlink=0, ctime_ns=?, durable=1, ready_seq=NULL WHERE id=?", (t, target)
+                )
+                self.journal.execute("UPDATE objects SET inode=NULL WHERE inode=?", (target,))
+            self.journal.execute(
+                "UPDATE dentries SET parent=?, name=? WHERE parent=? AND name=?",
+                (new_parent, new_name, old_parent, old_name),
+            )
+            self.journal.execute("UPDATE inodes SET ctime_ns=? WHERE id=?", (t, ino))
+            self._touch_dir(old_parent, t, gen)
+            self._touch_dir(new_parent, t, gen)
+            self.entry_of[ino] = (new_parent, new_name)
+            self._mark_moved(ino, gen)
+        if target is not None:
+            self.entry_of.pop(target, None)
+            self._maybe_purge(target)
+        self.on_change()
+        return target
+
+    def _check_replace(self, moving: Attr, target: Attr) -> None:
+        if moving.is_dir and not target.is_dir:
+            raise FsError(errno.ENOTDIR)
+        if not moving.is_dir and target.is_dir:
+            raise FsError(errno.EISDIR)
+        if target.is_dir and self.has_children(target.id):
+            raise FsError(errno.ENOTEMPTY)
+
+    def _exchange(self, p1: int, n1: bytes, i1: int, p2: int, n2: bytes, i2: int) -> None:
+        a1, a2 = self.getattr(i1), self.getattr(i2)
+        if (a1.is_dir and (p2 == i1 or p2 in self.descendants(i1))) or (
+            a2.is_dir and (p1 == i2 or p1 in self.descendants(i2))
+        ):
+            raise FsError(errno.EINVAL)
+        t = now_ns()
+        gen = self._next_gen()
+        with self.journal.transaction():
+            self.journal.execute("UPDATE dentries SET inode=? WHERE parent=? AND name=?", (i2, p1, n1))
+            self.journal.execute("UPDATE dentries SET inode=? WHERE parent=? AND name=?", (i1, p2, n2))
+            self.journal.execute("UPDATE inodes SET ctime_ns=? WHERE id IN (?, ?)", (t, i1, i2))
+            self.entry_of[i1], self.entry_of[i2] = (p2, n2), (p1, n1)
+            self._touch_dir(p1, t, gen)
+            self._touch_dir(p2, t, gen)
+            self._mark_moved(i1, gen)
+            self._mark_moved(i2, gen)
+        self.on_change()
+        return None
+
+    # ---- attributes and content changes ----------------------------------------------
+
+    def setattr(self, ino: int, *, mode=None, uid=None, gid=None, size=None, atime_ns=None, mtime_ns=None) -> Attr:
+        attr = self.getattr(ino)
+        t = now_ns()
+        sets, params = ["ctime_ns=?"], [t]
+        for column, value in (("uid", uid), ("gid", gid), ("atime_ns", atime_ns), ("mtime_ns", mtime_ns)):
+            if value is not None:
+                sets.append(f"{column}=?")
+                params.append(value)
+        if mode is not None:
+            sets.append("mode=?")
+            params.append(stat.S_IFMT(attr.mode) | stat.S_IMODE(mode))
+        if size is not None:
+            sets.append("size=?")
+            params.append(size)
+        self.journal.execute(f"UPDATE inodes SET {', '.join(sets)} WHERE id=?", (*params, ino))
+        state = self.open.get(ino)
+        if state is not None:
+            if size is not None:
+                state.size = size
+            if mtime_ns is not None:
+                state.mtime_ns = mtime_ns
+        if size is not None:
+            self.content_changed(ino)
+            if state is None or state.writers == 0:
+                self.mark_ready(ino)
+        return self.getattr(ino)
+
+    def content_changed(self, ino: int) -> None:
+        """The content differs from what was published: not durable, not ready, old objects stale."""
+        state = self.open.get(ino)
+        if state is not None:
+            state.version += 1
+            if state.written:
+                return  # already recorded since the last flush to the journal
+            state.written = True
+        gen = self._next_gen()
+        with self.journal.transaction():
+            self.journal.execute(
+                "UPDATE inodes SET content_dirty=1, durable=0, ready_seq=NULL, changed_gen=?, changed_at=? "
+                "WHERE id=?",
+                (gen, time.time(), ino),
+            )
+        self.on_change()
+
+    def note_write(self, ino: int, end: int) -> None:
+        """A write reached the cache file: track size and mtime in memory, journal the first one."""
+        state = self.open.setdefault(ino, OpenState())
+        current = state.size if state.size is not None else self.getattr(ino).size
+        state.size = max(current, end)
+        state.mtime_ns = now_ns()
+        self.content_changed(ino)
+
+    def record_size(self, ino: int) -> None:
+        """Write the in-memory size and mtime of an open file to the journal (flush, fsync, close)."""
+        state = self.open.get(ino)
+        if state is None or state.size is None:
+            return
+        self.journal.execute(
+            "UPDATE inodes SET size=?, mtime_ns=coalesce(?, mtime_ns), changed_at=? WHERE id=?",
+            (state.size, state.mtime_ns, time.time(), ino),
+        )
+
+    def mark_ready(self, ino: int) -> None:
+        """The file was closed after a change: give it its place in the commit order."""
+        self.journal.execute(
+            "UPDATE inodes SET ready_seq=?, changed_at=? WHERE id=? AND durable=0 AND nlink>0",
+            (self._next_seq(), time.time(), ino),
+        )
+        self.on_change()
+
+    def _mark_moved(self, ino: int, gen: int) -> None:
+        """`ino` (and its subtree) has a new name: republish under it, in the old relative order."""
+        ids = [ino] + (self.descendants(ino) if self.getattr(ino).is_dir else [])
+        rows = self.journal.all(
+            f"SELECT id, ready_seq FROM inodes WHERE id IN ({','.join('?' * len(ids))})", tuple(ids)
+        )
+        writing = {i for i, seq in rows if seq is None and self.open.get(i, OpenState()).writers > 0}
+        for i, _ in sorted(rows, key=lambda r: (r[1] is None, r[1] or 0, r[0])):
+            seq = None if i in writing else self._next_seq()
+            self.journal.execute(
+                "UPDATE inodes SET durable=0, ready_seq=?, changed_gen=?, changed_at=? WHERE id=?",
+                (seq, gen, time.time(), i),
+            )
+
+    def _touch_dir(self, ino: int, t: int, gen: int) -> None:
+        """A directory's entries changed: new mtime, and its empty-marker object needs a look."""
+        self.journal.execute(
+            "UPDATE inodes SET mtime_ns=?, ctime_ns=?, durable=0, ready_seq=coalesce(ready_seq, ?), "
+            "changed_gen=? WHERE id=?",
+            (t, t, self._next_seq(), gen, ino),
+        )
+
+    def _next_gen(self) -> int:
+        self.gen += 1
+        return self.gen
+
+    def _next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    # ---- handles and lookup counts -------------------------------------------------------
+
+    def remember(self, ino: int) -> None:
+        self.lookups[ino] = self.lookups.get(ino, 0) + 1
+
+    def forget(self, ino: int, count: int) -> None:
+        left = self.lookups.get(ino, 0) - count
+        if left > 0:
+            self.lookups[ino] = left
+        else:
+            self.lookups.pop(ino, None)
+            self._maybe_purge(ino)
+
+    def opened(self, ino: int, writable: bool) -> None:
+        state = self.open.setdefault(ino, OpenState())
+        state.handles += 1
+        state.writers += int(writable)
+
+    def closed(self, ino: int, writable: bool) -> None:
+        """The last close of a written file records its size and makes it ready for the drain."""
+        state = self.open[ino]
+        state.handles -= 1
+        if writable:
+            state.writers -= 1
+            if state.writers == 0 and state.written:
+                self.record_size(ino)
+                state.written = False
+                self.mark_ready(ino)
+            elif state.writers == 0 and self.getattr(ino).ready_seq is None:
+                self.mark_ready(ino)
+        if state.handles == 0:
+            self.open.pop(ino)
+            self._maybe_purge(ino)
+
+    def writers(self, ino: int) -> int:
+        state = self.open.get(ino)
+        return 0 if state is None else state.writers
+
+    def version(self, ino: int) -> int:
+        state = self.open.get(ino)
+        return 0 if state is None else state.version
+
+    def _maybe_purge(self, ino: int) -> None:
+        if ino == ROOT_INODE or self.lookups.get(ino) or ino in self.open:
+            return
+        row = self.journal.one("SELECT nlink FROM inodes WHERE id=?", (ino,))
+        if row is None or row[0] > 0:
+            return
+        with self.journal.transaction():
+            self.journal.execute("DELETE FROM inodes WHERE id=?", (ino,))
+            self.journal.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
+        self.on_purge(ino)
+
+    def purge_unlinked(self) -> list[int]:
+        """At start: inodes unlinked while open before a crash are gone for good."""
+        ids = [r[0] for r in self.journal.all("SELECT id FROM inodes WHERE nlink=0")]
+        for ino in ids:
+            self._maybe_purge(ino)
+        return ids
+
+    # ---- extended attributes -------------------------------------------------------------
+
+    def get_xattr(self, ino: int, name: bytes) -> bytes:
+        row = self.journal.one("SELECT value FROM xattrs WHERE inode=? AND name=?", (ino, name))
+        if row is None:
+            self.getattr(ino)
+            raise FsError(errno.ENODATA)
+        return bytes(row[0])
+
+    def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
+        self.getattr(ino)
+        self.journal.execute("INSERT OR REPLACE INTO xattrs VALUES (?, ?, ?)", (ino, name, value))
+
+    def list_xattrs(self, ino: int) -> list[bytes]:
+        self.getattr(ino)
+        return [bytes(r[0]) for r in self.journal.all("SELECT name FROM xattrs WHERE inode=?", (ino,))]
+
+    def remove_xattr(self, ino: int, name: bytes) -> None:
+        cur = self.journal.execute("DELETE FROM xattrs WHERE inode=? AND name=?", (ino, name))
+        if cur.rowcount == 0:
+            self.getattr(ino)
+            raise FsError(errno.ENODATA)
+
+    # ---- drain bookkeeping -------------------------------------------------------------
+
+    def pending(self) -> Iterator[Attr]:
+        """Live inodes whose bucket state is not yet what the namespace says."""
+        for row in self.journal.all(
+            f"SELECT {INODE_COLUMNS} FROM inodes WHERE durable=0 AND nlink>0 ORDER BY ready_seq"
+        ):
+            yield Attr(*row)
+
+    def statistics(self) -> dict:
+        files, size = self.journal.one(
+            "SELECT count(*), coalesce(sum(size), 0) FROM inodes WHERE nlink>0 AND (mode & ?) = ?",
+            (stat.S_IFMT(0o170000), stat.S_IFREG),
+        )
+        return {"files": files, "bytes": size}
+
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2

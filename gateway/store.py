@@ -1,0 +1,202 @@
+"""Object-store client: aiobotocore on trio through its httpx backend.
+
+The store knows keys and bytes, nothing about inodes. Every failure is a `StoreError` marked
+transient (retry can help) or permanent; the drain owns the one retry layer, so botocore's own
+retries are off. Keys passed in are relative to the mount's prefix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from typing import AsyncIterator
+
+import botocore.exceptions
+import httpx
+from aiobotocore.config import AioConfig
+from aiobotocore.httpxsession import HttpxSession
+from aiobotocore.session import get_session
+
+from gateway.errors import NoSuchKey, StoreError
+
+log = logging.getLogger(__name__)
+
+TRANSIENT_CODES = {
+    "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed",
+    "Throttling", "ThrottlingException", "OperationAborted", "BadDigest", "IncompleteBody",
+    "XAmzContentSHA256Mismatch", "InvalidPart", "NoSuchUpload",
+}
+MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
+METADATA_DIGEST = "ckptfs-xxh3"
+METADATA_SIZE = "ckptfs-size"
+METADATA_MTIME = "ckptfs-mtime-ns"
+METADATA_MODE = "ckptfs-mode"
+METADATA_TYPE = "ckptfs-type"
+PRIVATE_DIR = ".ckptfs"
+
+
+class Body(io.BytesIO):
+    """A request body that the httpx backend streams in 1 MiB chunks.
+
+    aiobotocore's httpx session iterates a BytesIO body, and plain BytesIO iterates by *lines*:
+    random binary data became thousands of tiny writes with an event-loop yield each (16 MiB PUT:
+    2.1 s instead of 0.05 s against moto). Iterating in large chunks removes that.
+    """
+
+    CHUNK = 1 << 20
+
+    def __iter__(self):
+        while chunk := self.read(self.CHUNK):
+            yield chunk
+
+
+def classify(exc: BaseException, what: str) -> StoreError:
+    """Map a botocore/httpx exception to a StoreError that says whether to retry."""
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, botocore.exceptions.ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        message = f"{what}: {code or status} {error.get('Message', '')}".strip()
+        if code in MISSING_CODES:
+            return StoreError(message, transient=False, code="NoSuchKey")
+        transient = code in TRANSIENT_CODES or status >= 500 or status == 429
+        return StoreError(message, transient=transient, code=code or str(status))
+    if isinstance(exc, (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError)):
+        return StoreError(f"{what}: no usable credentials ({type(exc).__name__})", transient=False,
+                          code="NoCredentials")
+    if isinstance(exc, (botocore.exceptions.BotoCoreError, httpx.HTTPError, OSError)):
+        return StoreError(f"{what}: {type(exc).__name__}: {exc}", transient=True, code="Connection")
+    return StoreError(f"{what}: {type(exc).__name__}: {exc}", transient=True, code="Unknown")
+
+
+class Store:
+    """One S3 client for one bucket/prefix. Use `async with Store(...) as store:`."""
+
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
+                 region: str | None = None, max_connections: int = 16,
+                 connect_timeout_s: float = 5.0, read_timeout_s: float = 60.0):
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.endpoint_url = endpoint_url
+        self.region = region
+        self._config = AioConfig(
+            http_session_cls=HttpxSession,
+            max_pool_connections=max_connections,
+            connect_timeout=connect_timeout_s,
+            read_timeout=read_timeout_s,
+            retries={"total_max_attempts": 1},  # one retry layer: the drain's
+            request_checksum_calculation="when_required",
+        )
+        self._stack = contextlib.AsyncExitStack()
+        self.client = None
+
+    async def __aenter__(self) -> "Store":
+        session = get_session()
+        self.client = await self._stack.enter_async_context(
+            session.create_client("s3", endpoint_url=self.endpoint_url, region_name=self.region or "us-east-1",
+                                  config=self._config)
+        )
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._stack.aclose()
+
+    def full_key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def relative_key(self, full_key: str) -> str:
+        return full_key[len(self.prefix) + 1:] if self.prefix else full_key
+
+    async def _call(self, what: str, method: str, **kwargs):
+        try:
+            return await getattr(self.client, method)(Bucket=self.bucket, **kwargs)
+        except Exception as exc:  # classified for the caller's retry decision
+            error = classify(exc, what)
+            if error.code == "NoSuchKey":
+                raise NoSuchKey(kwargs.get("Key", "")) from exc
+            raise error from exc
+
+    async def check_bucket(self) -> None:
+        """Raise a StoreError with a one-line reason if the bucket cannot be used."""
+        try:
+            await self._call(f"bucket {self.bucket}", "head_bucket")
+        except NoSuchKey:
+            raise StoreError(f"bucket {self.bucket} does not exist", transient=False, code="NoSuchBucket") from None
+
+    async def put_object(self, key: str, body: bytes, metadata: dict[str, str]) -> str:
+        resp = await self._call(f"PUT {key}", "put_object", Key=self.full_key(key), Body=Body(body),
+                                Metadata=metadata, ChecksumAlgorithm="CRC32")
+        return resp["ETag"]
+
+    async def create_multipart(self, key: str, metadata: dict[str, str]) -> str:
+        resp = await self._call(f"create multipart {key}", "create_multipart_upload", Key=self.full_key(key),
+                                Metadata=metadata, ChecksumAlgorithm="CRC32")
+        return resp["UploadId"]
+
+    async def upload_part(self, key: str, upload_id: str, number: int, body: bytes) -> dict:
+        resp = await self._call(f"part {number} of {key}", "upload_part", Key=self.full_key(key),
+                                UploadId=upload_id, PartNumber=number, Body=Body(body), ChecksumAlgorithm="CRC32")
+        part = {"PartNumber": number, "ETag": resp["ETag"]}
+        if resp.get("ChecksumCRC32"):
+            part["ChecksumCRC32"] = resp["ChecksumCRC32"]
+        return part
+
+    async def complete_multipart(self, key: str, upload_id: str, parts: list[dict]) -> str:
+        resp = await self._call(f"complete {key}", "complete_multipart_upload", Key=self.full_key(key),
+                                UploadId=upload_id, MultipartUpload={"Parts": parts})
+        return resp["ETag"]
+
+    async def abort_multipart(self, key: str, upload_id: str) -> None:
+        try:
+            await self._call(f"abort {key}", "abort_multipart_upload", Key=self.full_key(key), UploadId=upload_id)
+        except StoreError as exc:
+            if exc.code not in ("NoSuchUpload", "NoSuchKey"):
+                raise
+
+    async def copy_object(self, source: str, key: str) -> str:
+        resp = await self._call(f"copy {source} -> {key}", "copy_object", Key=self.full_key(key),
+                                CopySource={"Bucket": self.bucket, "Key": self.full_key(source)},
+                                MetadataDirective="COPY")
+        return resp["CopyObjectResult"]["ETag"]
+
+    async def delete_object(self, key: str) -> None:
+        await self._call(f"DELETE {key}", "delete_object", Key=self.full_key(key))
+
+    async def head_object(self, key: str) -> dict:
+        return await self._call(f"HEAD {key}", "head_object", Key=self.full_key(key))
+
+    async def get_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the object."""
+        resp = await self._call(f"GET {key}", "get_object", Key=self.full_key(key), Range=f"bytes={start}-{end - 1}")
+        try:
+            async with resp["Body"] as body:
+                return await body.read()
+        except Exception as exc:
+            raise classify(exc, f"GET {key}") from exc
+
+    async def get_object(self, key: str) -> bytes:
+        resp = await self._call(f"GET {key}", "get_object", Key=self.full_key(key))
+        try:
+            async with resp["Body"] as body:
+                return await body.read()
+        except Exception as exc:
+            raise classify(exc, f"GET {key}") from exc
+
+    async def list_objects(self, prefix: str = "", delimiter: str | None = None) -> AsyncIterator[dict]:
+        """Objects (and, with a delimiter, common prefixes as {'Prefix': ...}) under a relative prefix."""
+        full = self.full_key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
+        paginator = self.client.get_paginator("list_objects_v2")
+        kwargs = {"Bucket": self.bucket, "Prefix": full}
+        if delimiter:
+            kwargs["Delimiter"] = delimiter
+        try:
+            async for page in paginator.paginate(**kwargs):
+                for item in page.get("CommonPrefixes", []):
+                    yield item
+                for item in page.get("Contents", []):
+                    yield item
+        except Exception as exc:
+            raise classify(exc, f"LIST {prefix}") from exc
