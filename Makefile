@@ -1,0 +1,39 @@
+# ckptfs: `make demo` runs the main job on an embedded S3 endpoint; `make test` runs the test suite.
+# Both install what they need on a fresh Debian machine (as root): fuse3 and a virtualenv in .venv.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow bench deps venv clean
+
+deps:
+	@command -v fusermount3 >/dev/null && [ -e /usr/include/fuse3/fuse.h ] && command -v pkg-config >/dev/null \
+	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 libfuse3-dev pkg-config >/dev/null; }
+	@[ -e /dev/fuse ] || { echo "ckptfs: /dev/fuse is missing (load the fuse module or run the container with --device /dev/fuse)"; exit 1; }
+
+$(STAMP): pyproject.toml
+	$(MAKE) deps
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test,jax]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m scripts.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider --slow tests
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run_all
+
+clean:
+	rm -rf $(VENV) build *.egg-info
