@@ -1,0 +1,223 @@
+"""The drain against a real S3 endpoint: layout, temp names, commit order, deletes and renames."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import pytest
+import xxhash
+
+from tests.bucket_watch import BucketWatcher
+from tests.t5_crash_test import assert_bucket_equals_namespace
+
+
+def write_file(path, data: bytes, fsync: bool = True) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+
+
+def save_like_torch(directory, name: str, data: bytes) -> None:
+    """torch.save to a temp name, fsync, rename into place (what the shim and many scripts do)."""
+    write_file(directory / f"{name}.tmp", data)
+    os.rename(directory / f"{name}.tmp", directory / name)
+
+
+def test_bucket_equals_namespace_with_digests(ckptfs_mount):
+    m = ckptfs_mount
+    (m.path / "a" / "b").mkdir(parents=True)
+    (m.path / "empty").mkdir()
+    write_file(m.path / "a" / "small", b"small")
+    big = os.urandom(23 * 1024 * 1024 + 5)  # multipart with the default 16 MiB parts
+    write_file(m.path / "a" / "b" / "big", big)
+    os.symlink("b/big", m.path / "a" / "link")
+    m.wait()
+    keys = m.keys()
+    assert keys == {"a/small": 5, "a/b/big": len(big), "a/link": len("b/big"), "empty/": 0}
+    client = m.s3.boto3_client()
+    obj = client.get_object(Bucket=m.bucket, Key="run/a/b/big")
+    body = obj["Body"].read()
+    assert body == big
+    assert obj["Metadata"]["ckptfs-xxh3"] == xxhash.xxh3_128_hexdigest(big)
+    assert obj["Metadata"]["ckptfs-size"] == str(len(big))
+    assert os.getxattr(m.path / "a" / "b" / "big", "user.ckptfs.digest").decode() == xxhash.xxh3_128_hexdigest(big)
+    assert os.getxattr(m.path / "a" / "b" / "big", "user.ckptfs.key") == b"run/a/b/big"
+
+
+def test_state_xattr_follows_the_file(ckptfs_mount):
+    m = ckptfs_mount
+    f = open(m.path / "f", "wb")
+    f.write(b"x" * 1000)
+    f.flush()
+    assert m.state("f") == "dirty"
+    assert m.state(".") == "pending"
+    f.close()
+    m.wait("f")
+    assert m.state("f") == "durable"
+    assert m.state(".") == "durable"
+    with open(m.path / "f", "ab") as g:
+        g.write(b"more")
+    assert m.state("f") in ("dirty", "queued", "uploading")
+    m.wait("f")
+    assert m.keys()["f"] == 1004
+
+
+def test_overwrite_uploads_new_content(ckptfs_mount):
+    m = ckptfs_mount
+    write_file(m.path / "f", b"one")
+    m.wait()
+    write_file(m.path / "f", b"two-two")
+    m.wait()
+    body = m.s3.boto3_client().get_object(Bucket=m.bucket, Key="run/f")["Body"].read()
+    assert body == b"two-two"
+
+
+def test_unlink_and_rmtree_delete_objects(ckptfs_mount):
+    m = ckptfs_mount
+    (m.path / "step_1" / "sub").mkdir(parents=True)
+    for i in range(5):
+        write_file(m.path / "step_1" / "sub" / f"s{i}", os.urandom(100_000))
+    write_file(m.path / "keep", b"k")
+    m.wait()
+    assert len(m.keys()) == 6
+    shutil.rmtree(m.path / "step_1")
+    m.wait()
+    deadline = time.monotonic() + 30
+    while m.keys() != {"keep": 1} and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert m.keys() == {"keep": 1}
+
+
+def test_rmtree_while_uploading_leaves_nothing(make_mount):
+    m = make_mount(options=("--drain-delay", "0", "--part-size", "5MiB"))
+    (m.path / "ckpt").mkdir()
+    for i in range(4):
+        write_file(m.path / "ckpt" / f"shard{i}", os.urandom(12 * 1024 * 1024), fsync=False)
+    time.sleep(0.3)  # uploads are in flight now
+    shutil.rmtree(m.path / "ckpt")
+    write_file(m.path / "after", b"a")
+    m.wait()
+    deadline = time.monotonic() + 60
+    while m.keys() != {"after": 1} and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert m.keys() == {"after": 1}
+    uploads = m.s3.boto3_client().list_multipart_uploads(Bucket=m.bucket).get("Uploads", [])
+    assert uploads == []
+
+
+def test_rename_of_durable_file_and_directory(ckptfs_mount):
+    m = ckptfs_mount
+    (m.path / "d").mkdir()
+    data = os.urandom(300_000)
+    write_file(m.path / "d" / "x", data)
+    write_file(m.path / "f", b"file")
+    m.wait()
+    assert m.status()["uploaded_files_total"] == 2
+    os.rename(m.path / "f", m.path / "g")
+    os.rename(m.path / "d", m.path / "e")
+    m.wait()
+    deadline = time.monotonic() + 30
+    while set(m.keys()) != {"g", "e/x"} and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert m.keys() == {"g": 4, "e/x": 300_000}
+    status = m.status()
+    assert status["copied_files_total"] == 2, "a rename of durable data is a server-side copy, not a re-upload"
+    assert status["uploaded_files_total"] == 2
+    assert m.s3.boto3_client().get_object(Bucket=m.bucket, Key="run/e/x")["Body"].read() == data
+
+
+def test_temp_names_never_reach_the_bucket_and_markers_come_last(ckptfs_mount):
+    """torch, DCP, Orbax and TensorStore shaped saves while a watcher lists the bucket."""
+    m = ckptfs_mount
+    client = m.s3.boto3_client()
+    with BucketWatcher(client, m.bucket, "run") as watcher:
+        for step in range(3):
+            # torch.save style: tmp + rename
+            save_like_torch(m.path, f"model_{step}.pt", os.urandom(2_000_000))
+            # DCP style: shards, then .metadata.tmp renamed to .metadata
+            d = m.path / f"dcp_{step}"
+            d.mkdir()
+            for r in range(3):
+                write_file(d / f"__{r}_0.distcp", os.urandom(1_500_000 + r))
+            save_like_torch(d, ".metadata", b"metadata")
+            # Orbax style: everything in a tmp dir, renamed into place, then the commit marker
+            tmp = m.path / f"{step}.orbax-checkpoint-tmp-{step}"
+            (tmp / "state").mkdir(parents=True)
+            write_file(tmp / "state" / "array.__lock", b"")
+            for r in range(3):
+                write_file(tmp / "state" / f"chunk{r}", os.urandom(1_000_000))
+            os.unlink(tmp / "state" / "array.__lock")
+            write_file(tmp / "_CHECKPOINT_METADATA", b"{}")
+            os.rename(tmp, m.path / f"{step}")
+            write_file(m.path / f"{step}" / "commit_success.txt", b"ok")
+        m.wait()
+        time.sleep(0.3)
+    seen = watcher.ever_seen()
+    assert len(watcher.snapshots) > 20, "the watcher must have listed many times during the saves"
+    assert not watcher.keys_matching("*.tmp", "*orbax-checkpoint-tmp*", "*.__lock"), "a temporary name was visible"
+    for step in range(3):
+        assert f"model_{step}.pt" in seen
+        dcp_data = {f"dcp_{step}/__{r}_0.distcp" for r in range(3)}
+        assert not watcher.marker_violations(f"dcp_{step}/.metadata", dcp_data)
+        orbax_data = {f"{step}/state/chunk{r}" for r in range(3)} | {f"{step}/_CHECKPOINT_METADATA"}
+        assert not watcher.marker_violations(f"{step}/commit_success.txt", orbax_data)
+        # and the marker became visible at all
+        assert any(f"{step}/commit_success.txt" in s for s in watcher.snapshots)
+    assert_bucket_equals_namespace(m)
+
+
+def test_commit_order_across_files(make_mount):
+    """A small marker closed after a large file is never visible before it."""
+    m = make_mount(options=("--drain-delay", "0", "--part-size", "5MiB"))
+    client = m.s3.boto3_client()
+    with BucketWatcher(client, m.bucket, "run") as watcher:
+        for i in range(3):
+            write_file(m.path / f"big{i}", os.urandom(20 * 1024 * 1024), fsync=False)
+            write_file(m.path / f"marker{i}", b"done", fsync=False)
+        m.wait()
+        time.sleep(0.2)
+    for i in range(3):
+        earlier = {f"big{j}" for j in range(i + 1)} | {f"marker{j}" for j in range(i)}
+        assert not watcher.marker_violations(f"marker{i}", earlier)
+        assert any(f"marker{i}" in s for s in watcher.snapshots)
+
+
+def test_held_file_is_uploaded_after_hold_limit(make_mount):
+    m = make_mount(options=("--drain-delay", "0", "--hold-limit", "1"))
+    write_file(m.path / "orphan.tmp", b"never renamed")
+    assert m.state("orphan.tmp") == "held"
+    m.wait("orphan.tmp", timeout=30)
+    assert m.keys() == {"orphan.tmp": 13}
+
+
+def test_wait_without_paths_ignores_held_files(ckptfs_mount):
+    m = ckptfs_mount
+    write_file(m.path / "lock.__lock", b"")
+    write_file(m.path / "real", b"data")
+    m.wait(timeout=30)
+    assert m.keys() == {"real": 4}
+    assert m.status()["held_files"] == 1
+
+
+def test_unmount_drains_pending_then_remount_shows_files(make_mount):
+    m = make_mount(options=("--drain-delay", "5"))
+    write_file(m.path / "late", os.urandom(1000))
+    assert m.keys() == {}
+    m.unmount()
+    assert m.keys() == {"late": 1000}, "unmount waits for the drain (up to --drain-timeout)"
+    m.start()
+    assert (m.path / "late").stat().st_size == 1000
+
+
+def test_unmount_no_drain_keeps_work_journaled(make_mount):
+    m = make_mount(options=("--drain-delay", "30"))
+    write_file(m.path / "late", b"x" * 10)
+    m.unmount("--no-drain")
+    assert m.keys() == {}
+    m.start("--drain-delay", "0")
+    m.wait(timeout=30)
+    assert m.keys() == {"late": 10}
