@@ -39,7 +39,9 @@ def register(subparsers) -> None:
     p.add_argument("--hold-pattern", dest="hold_patterns", action="append", help="temporary-name pattern (repeatable)")
     p.add_argument("--hold-limit", dest="hold_limit_s", type=float, help="seconds before a held file is uploaded anyway")
     p.add_argument("--cache-size", help="cache size: bytes (64GiB) or percent of the cache disk (90%%)")
-    p.add_argument("--metadata-ttl", dest="metadata_ttl_s", type=float, help="seconds before re-listing the bucket")
+    p.add_argument("--metadata-ttl", dest="metadata_ttl_s", type=float, help="seconds between listings of the bucket")
+    p.add_argument("--backpressure-timeout", dest="backpressure_timeout_s", type=float,
+                   help="seconds a writer waits for cache room before ENOSPC")
     p.add_argument("--metrics-addr", help="serve Prometheus metrics on HOST:PORT")
     p.add_argument("--log-level")
     p.add_argument("--log-file")
@@ -54,7 +56,7 @@ def register(subparsers) -> None:
 
 FLAG_FIELDS = ("cache_dir", "endpoint_url", "region", "foreground", "allow_other", "drain_delay_s",
                "drain_timeout_s", "no_drain", "part_size_bytes", "upload_concurrency", "hold_patterns",
-               "hold_limit_s", "cache_size", "metadata_ttl_s", "metrics_addr", "log_level", "log_file")
+               "hold_limit_s", "cache_size", "metadata_ttl_s", "backpressure_timeout_s", "metrics_addr", "log_level", "log_file")
 
 
 def build_config(args: argparse.Namespace) -> configuration.Config:

@@ -1,7 +1,8 @@
 """Effective configuration of one mount: defaults < TOML file < CKPTFS_* environment < command-line flags.
 
-Every option has one name used everywhere: the TOML key (in its section), the environment variable
-``CKPTFS_<NAME>`` and the flag ``--<name-with-dashes>``. Bad values raise `ConfigError` naming the key.
+Every option has one name: the TOML key (in its section of `SECTIONS`) and, upper-cased, the
+environment variable ``CKPTFS_<NAME>``; the flags of ``ckptfs mount`` set the same options (see
+docs/CONFIGURATION.md). Bad values raise `ConfigError` naming the key and where the value came from.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ class Config:
     cache_size: str = "90%"
     cache_high_watermark: float = 0.90
     cache_low_watermark: float = 0.75
-    metadata_ttl_s: float = 30.0
+    metadata_ttl_s: float = 60.0
+    backpressure_timeout_s: float = 300.0
     # observability
     metrics_addr: str | None = None
     log_level: str = "INFO"
@@ -84,7 +86,8 @@ SECTIONS = {
         "hold_patterns",
         "hold_limit_s",
     ),
-    "cache": ("cache_size", "cache_high_watermark", "cache_low_watermark", "metadata_ttl_s"),
+    "cache": ("cache_size", "cache_high_watermark", "cache_low_watermark", "metadata_ttl_s",
+              "backpressure_timeout_s"),
     "observability": ("metrics_addr", "log_level", "log_file"),
 }
 
@@ -125,11 +128,6 @@ def parse_s3_url(url: str) -> tuple[str, str]:
 def env_name(key: str) -> str:
     """The environment variable of option `key`, e.g. CKPTFS_CACHE_DIR."""
     return ENV_PREFIX + key.upper()
-
-
-def flag_name(key: str) -> str:
-    """The command-line flag of option `key`, e.g. --cache-dir."""
-    return "--" + key.replace("_", "-")
 
 
 def _kind(key: str) -> str:
@@ -243,7 +241,7 @@ def resolve_with_sources(
     env: Mapping[str, str] | None = None,
 ) -> tuple[Config, dict[str, str]]:
     """Like `resolve`, also returning where each option came from ('default', 'file PATH',
-    'env CKPTFS_X' or 'flag --x')."""
+    'env CKPTFS_X' or 'flag')."""
     env = os.environ if env is None else env
     path, explicit = config_file_path(config_path, env)
     values: dict[str, Any] = {}
@@ -260,7 +258,7 @@ def resolve_with_sources(
             continue
         if key not in _FIELDS:
             raise ConfigError(f"unknown option {key}{_did_you_mean(key)}")
-        values[key], sources[key] = value, f"flag {flag_name(key)}"
+        values[key], sources[key] = value, "flag"
     config = Config(**{k: _coerce(k, v, sources[k]) for k, v in values.items()})
     _validate(config)
     return config, sources
@@ -285,7 +283,7 @@ def parse_addr(text: str, key: str = "metrics_addr") -> tuple[str, int]:
 
 
 def _validate(config: Config) -> None:
-    for key in ("drain_delay_s", "drain_timeout_s", "hold_limit_s", "metadata_ttl_s"):
+    for key in ("drain_delay_s", "drain_timeout_s", "hold_limit_s", "metadata_ttl_s", "backpressure_timeout_s"):
         if getattr(config, key) < 0:
             raise ConfigError(f"{key}: must be >= 0")
     if config.part_size_bytes < 5 * 1024 * 1024:

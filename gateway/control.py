@@ -31,6 +31,7 @@ class Control:
         self.started_at = started_at or time.time()
         self.ops = None  # gateway.fs.Operations, for op counters
         self.backpressure = None  # gateway.space.SpaceGuard when a cache size is enforced
+        self.reader = None  # gateway.reader.Reader: bytes fetched from the bucket
 
     async def commit_durable(self) -> None:
         """Make every journal commit so far survive power loss (fsync, fsyncdir)."""
@@ -123,6 +124,9 @@ class Control:
         }
         if self.backpressure is not None:
             status.update(self.backpressure.statistics())
+        if self.reader is not None:
+            status["fetched_bytes_total"] = self.reader.fetched_bytes
+            status["digest_failures_total"] = self.reader.digest_failures
         if self.ops is not None:
             status["fuse_ops_total"] = dict(self.ops.op_counts)
         return status

@@ -23,13 +23,16 @@ import pyfuse3
 import trio
 
 from gateway.cache import CacheFiles
-from gateway.config import Config
+from gateway.config import Config, cache_size_bytes
 from gateway.control import Control
 from gateway.drain import Drain
 from gateway.errors import CliError, StoreError
 from gateway.fs import Operations
 from gateway.journal import Journal
+from gateway.listing import BucketListing
 from gateway.namespace import Namespace
+from gateway.reader import Reader
+from gateway.space import SpaceGuard
 from gateway.store import Store
 
 log = logging.getLogger(__name__)
@@ -114,11 +117,32 @@ async def _serve_locked(config: Config, journal: Journal, on_ready: Callable[[],
                 await store.check_bucket()
         except (StoreError, trio.TooSlowError) as exc:
             raise CliError(f"cannot use s3://{config.bucket}: {exc or 'no answer within 30 s'}") from None
+        listing = BucketListing(ns, store, config.metadata_ttl_s)
+        try:
+            with trio.fail_after(300):
+                await listing.sync_once()
+        except (StoreError, trio.TooSlowError) as exc:
+            raise CliError(f"cannot list s3://{config.bucket}/{config.prefix}: {exc or 'timeout'}") from None
         drain = Drain(ns, cache, store, journal, config)
         control = Control(ns, cache, drain, journal, config)
-        ops = Operations(ns, cache, control)
-        control.ops = ops
-        await _run_mounted(config, ops, drain, on_ready)
+        space = SpaceGuard(ns, cache, drain, limit_bytes=cache_size_bytes(config, _disk_bytes(cache)),
+                           high=config.cache_high_watermark, low=config.cache_low_watermark,
+                           timeout_s=config.backpressure_timeout_s)
+        control.backpressure = space
+        async with trio.open_nursery() as fetch_nursery:
+            reader = Reader(ns, cache, store, fetch_nursery, space)
+            space.reader = reader
+            ops = Operations(ns, cache, control, reader=reader, space=space)
+            control.ops = ops
+            control.reader = reader
+            fetch_nursery.start_soon(listing.run)
+            await _run_mounted(config, ops, drain, on_ready)
+            fetch_nursery.cancel_scope.cancel()
+
+
+def _disk_bytes(cache: CacheFiles) -> int:
+    vfs = os.statvfs(cache.root)
+    return vfs.f_blocks * vfs.f_frsize
 
 
 async def _run_mounted(config: Config, ops: Operations, drain: Drain, on_ready: Callable[[], None]) -> None:

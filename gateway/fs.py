@@ -70,12 +70,13 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = True
     supports_dot_lookup = True
 
-    def __init__(self, namespace: Namespace, cache: CacheFiles, control, reader=None):
+    def __init__(self, namespace: Namespace, cache: CacheFiles, control, reader=None, space=None):
         super().__init__()
         self.ns = namespace
         self.cache = cache
         self.control = control
         self.reader = reader  # fills data files of evicted or remote-only files (gateway/reader.py)
+        self.space = space    # cache size: eviction and writer backpressure (gateway/space.py)
         self.handles: dict[int, Handle] = {}
         self._fh_counter = itertools.count(1)
         self.op_counts: dict[str, int] = {}
@@ -126,7 +127,7 @@ class Operations(pyfuse3.Operations):
         if size is not None:
             if self.ns.getattr(inode).is_dir:
                 raise FsError(errno.EISDIR)
-            await self._ensure_local(inode)
+            await self._ensure_local(inode, whole=True)
             self.cache.truncate(inode, size)
         result = self.ns.setattr(
             inode,
@@ -173,8 +174,6 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def readdir(self, fh, start_id, token):
-        if self.reader is not None:
-            await self.reader.list_directory(fh)
         while True:
             rows = self.ns.readdir(fh, start_id)
             if not rows:
@@ -251,17 +250,18 @@ class Operations(pyfuse3.Operations):
         attr = self.ns.getattr(inode)
         if attr.is_dir:
             raise FsError(errno.EISDIR)
-        await self._ensure_local(inode)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        await self._ensure_local(inode, whole=writable)
         info = self._open_handle(inode, flags)
         if flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY and attr.size:
             self.cache.truncate(inode, 0)
             self.ns.setattr(inode, size=0)
         return info
 
-    async def _ensure_local(self, ino: int) -> None:
-        """Files evicted from the cache or known only from the bucket are fetched before use."""
+    async def _ensure_local(self, ino: int, whole: bool) -> None:
+        """Files evicted from the cache or known only from the bucket are fetched (all of it to write)."""
         if self.reader is not None:
-            await self.reader.ensure_local(ino)
+            await self.reader.ensure_local(ino, whole=whole)
 
     @fuse_errors
     async def read(self, fh, off, size):
@@ -273,6 +273,8 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def write(self, fh, off, buf):
         handle = self.handles[fh]
+        if self.space is not None:
+            await self.space.reserve(len(buf))
         written = self.cache.write(handle.ino, off, buf)
         self.ns.note_write(handle.ino, off + written)
         return written

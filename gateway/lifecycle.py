@@ -30,7 +30,10 @@ STORAGE_CLASSES = ("STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "GLACIER_
 
 def rule_ids(prefix: str) -> tuple[str, str]:
     """The (ephemeral, multipart) rule IDs for `prefix` (IDs are limited to 255 characters)."""
-    base = f"ckptfs:{prefix}/" if len(prefix) <= 200 else "ckptfs:sha256-" + hashlib.sha256(prefix.encode()).hexdigest()[:24]
+    if len(prefix) <= 200:
+        base = f"ckptfs:{prefix}/"
+    else:
+        base = "ckptfs:sha256-" + hashlib.sha256(prefix.encode()).hexdigest()[:24]
     return f"{base}:ephemeral", f"{base}:multipart"
 
 
@@ -104,14 +107,15 @@ def describe(rule: dict[str, Any]) -> str:
     flt = rule.get("Filter", {})
     tags = flt.get("And", {}).get("Tags", []) + ([flt["Tag"]] if "Tag" in flt else [])
     scope = f"prefix {_rule_prefix(rule)!r}" + "".join(f" + tag {t['Key']}={t['Value']}" for t in tags)
-    actions = [f"to {t.get('StorageClass')} after {t.get('Days', t.get('Date'))}d" for t in rule.get("Transitions", [])]
+    actions = [f"to {t.get('StorageClass')} after {t.get('Days', t.get('Date'))}d"
+               for t in rule.get("Transitions", [])]
     if "Expiration" in rule:
         exp = rule["Expiration"]
         actions.append(f"expire after {exp['Days']}d" if "Days" in exp else f"expire {exp}")
     if "AbortIncompleteMultipartUpload" in rule:
         actions.append(f"abort multipart after {rule['AbortIncompleteMultipartUpload']['DaysAfterInitiation']}d")
-    other = sorted(set(rule) - {"ID", "Status", "Filter", "Prefix", "Transitions", "Expiration", "AbortIncompleteMultipartUpload"})
-    actions += other
+    known = {"ID", "Status", "Filter", "Prefix", "Transitions", "Expiration", "AbortIncompleteMultipartUpload"}
+    actions += sorted(set(rule) - known)
     return f"{rule.get('ID', '(no id)')} [{rule.get('Status')}] {scope}: {', '.join(actions) or 'no actions'}"
 
 
@@ -132,10 +136,12 @@ def cmd_show(args: argparse.Namespace) -> int:
         return 0
     ours = set(rule_ids(prefix))
     key_prefix = f"{prefix}/" if prefix else ""
-    print(f"s3://{bucket}: {len(rules)} lifecycle rule(s); * = written by ckptfs for {key_prefix or '(whole bucket)'}, ! = other rule that also covers it")
+    print(f"s3://{bucket}: {len(rules)} lifecycle rule(s); * = written by ckptfs for "
+          f"{key_prefix or '(whole bucket)'}, ! = another rule that also covers it")
     for rule in rules:
         other = _rule_prefix(rule)
-        mark = "*" if rule.get("ID") in ours else "!" if (key_prefix.startswith(other) or other.startswith(key_prefix)) else " "
+        overlaps = key_prefix.startswith(other) or other.startswith(key_prefix)
+        mark = "*" if rule.get("ID") in ours else "!" if overlaps else " "
         print(f"{mark} {describe(rule)}")
     return 0
 
@@ -148,10 +154,11 @@ def cmd_apply(args: argparse.Namespace) -> int:
             raise CliError(f"--{name.replace('_', '-')}: must be at least 1 day", code=2)
     if (args.transition_after is None) != (args.storage_class is None):
         raise CliError("--transition-after and --storage-class go together", code=2)
-    if args.transition_after is not None and args.expire_after is not None and args.expire_after <= args.transition_after:
+    if None not in (args.transition_after, args.expire_after) and args.expire_after <= args.transition_after:
         raise CliError("--expire-after must be greater than --transition-after", code=2)
     if args.transition_after is None and args.expire_after is None and args.abort_multipart_after is None:
-        raise CliError("nothing to apply: give --transition-after/--storage-class, --expire-after and/or --abort-multipart-after", code=2)
+        raise CliError("nothing to apply: give --transition-after/--storage-class, --expire-after "
+                       "and/or --abort-multipart-after", code=2)
     wanted = ckptfs_rules(
         prefix,
         transition_after=args.transition_after,
@@ -172,14 +179,15 @@ def cmd_apply(args: argparse.Namespace) -> int:
         return 0
     with s3ops.s3_errors(f"writing lifecycle of s3://{bucket}"):
         s3.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": rules})
-    print(f"s3://{bucket}: wrote {len(wanted)} ckptfs rule(s) for {prefix or '(whole bucket)'}; bucket has {len(rules)} rule(s)")
+    print(f"s3://{bucket}: wrote {len(wanted)} ckptfs rule(s) for {prefix or '(whole bucket)'}; "
+          f"bucket has {len(rules)} rule(s)")
     for rule in wanted:
         print(f"* {describe(rule)}")
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("lifecycle", help="show or apply the bucket lifecycle rules for a ckptfs prefix")
+    parser = subparsers.add_parser("lifecycle", help="show or apply the bucket's lifecycle rules for a ckptfs prefix")
     sub = parser.add_subparsers(dest="lifecycle_command", metavar="ACTION", required=True)
 
     show = sub.add_parser("show", help="print the bucket's lifecycle rules")
@@ -195,10 +203,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "under PREFIX. The options describe the whole desired state: an omitted action is removed.",
     )
     apply.add_argument("url", metavar="s3://BUCKET[/PREFIX]")
-    apply.add_argument("--transition-after", type=int, metavar="DAYS", help="move unpromoted objects to --storage-class after DAYS")
-    apply.add_argument("--storage-class", choices=STORAGE_CLASSES, help="target storage class of the transition")
-    apply.add_argument("--expire-after", type=int, metavar="DAYS", help="delete unpromoted objects after DAYS")
-    apply.add_argument("--abort-multipart-after", type=int, metavar="DAYS", help="abort incomplete multipart uploads after DAYS")
-    apply.add_argument("--dry-run", action="store_true", help="print the resulting configuration as JSON, write nothing")
+    days = dict(type=int, metavar="DAYS")
+    apply.add_argument("--transition-after", **days, help="move unpromoted objects to --storage-class after DAYS")
+    apply.add_argument("--storage-class", metavar="CLASS", help="target of the transition: on AWS one of "
+                       + ", ".join(STORAGE_CLASSES) + "; other stores have their own names (MinIO: a tier name)")
+    apply.add_argument("--expire-after", **days, help="delete unpromoted objects after DAYS")
+    apply.add_argument("--abort-multipart-after", **days, help="abort incomplete multipart uploads after DAYS")
+    apply.add_argument("--dry-run", action="store_true", help="print the resulting configuration, write nothing")
     s3ops.add_endpoint_args(apply)
     apply.set_defaults(func=cmd_apply)

@@ -19,7 +19,9 @@ import importlib
 import os
 import sys
 
-from gateway.config import Config, env_name, flag_name
+from typing import Mapping
+
+from gateway.config import Config, env_name
 
 USAGE = "usage: mount.ckptfs s3://BUCKET[/PREFIX] MOUNTPOINT [-nsfv] [-o OPTION[,OPTION...]]"
 EXIT_USAGE, EXIT_FAIL = 1, 32  # mount(8) conventions
@@ -39,15 +41,21 @@ class HelperError(Exception):
     """Bad invocation or option; printed as one line."""
 
 
-def mount_flags() -> set[str] | None:
-    """The option strings of `ckptfs mount`, or None if the mount command is not available."""
+def mount_flags() -> dict[str, str] | None:
+    """{option name: flag} of `ckptfs mount` (e.g. drain_delay_s: --drain-delay), or None if the
+    mount command is not available."""
     try:
         module = importlib.import_module("gateway.cmd_mount")
     except ImportError:
         return None
     subparsers = argparse.ArgumentParser().add_subparsers()
     module.register(subparsers)
-    return set(subparsers.choices["mount"]._option_string_actions)
+    flags = {}
+    for action in subparsers.choices["mount"]._actions:
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if longs and not isinstance(action, argparse._AppendAction):
+            flags.setdefault(action.dest, longs[0])
+    return flags
 
 
 def parse_args(argv: list[str]) -> tuple[list[str], list[str], set[str]]:
@@ -72,17 +80,15 @@ def parse_args(argv: list[str]) -> tuple[list[str], list[str], set[str]]:
 
 
 def translate(
-    source: str, mountpoint: str, options: list[str], known_flags: set[str] | None = None, sloppy: bool = False
+    source: str, mountpoint: str, options: list[str], flags: Mapping[str, str] | None = None, sloppy: bool = False
 ) -> tuple[list[str], dict[str, str]]:
     """Mount options -> (arguments after ``ckptfs mount``, extra environment).
 
-    An option becomes ``--flag [value]`` when `known_flags` (the mount command's options; None =
-    assume every option has its flag) has it, else a CKPTFS_* environment variable.
+    An option becomes its flag when `flags` ({option: flag} of the mount command, see
+    `mount_flags`) has one, else its CKPTFS_* environment variable (same precedence over the file).
     """
     argv, env = [source, mountpoint], {}
-
-    def has_flag(flag: str) -> bool:
-        return known_flags is None or flag in known_flags
+    flags = flags or {}
 
     for option in options:
         name, eq, value = option.partition("=")
@@ -94,7 +100,10 @@ def translate(
         if key == "config":
             if not value:
                 raise HelperError("config= needs a path")
-            argv += ["--config", value]
+            if "config" in flags:
+                argv += [flags["config"], value]
+            else:
+                env["CKPTFS_CONFIG"] = value
             continue
         if key in FROM_SOURCE:
             raise HelperError(f"{name}: comes from the mount source and target, not from -o")
@@ -104,8 +113,8 @@ def translate(
             raise HelperError(f"unknown option {option!r}")
         if FIELDS[key] is bool:
             enabled = not eq or value.lower() in ("1", "true", "yes", "on")
-            if enabled and has_flag(flag_name(key)):
-                argv.append(flag_name(key))
+            if enabled and key in flags:
+                argv.append(flags[key])
             else:
                 env[env_name(key)] = "true" if enabled else "false"
             continue
@@ -113,8 +122,8 @@ def translate(
             raise HelperError(f"{name}: needs a value ({name}=...)")
         if key == "hold_patterns":
             env[env_name(key)] = value.replace(":", ",")
-        elif has_flag(flag_name(key)):
-            argv += [flag_name(key), value]
+        elif key in flags:
+            argv += [flags[key], value]
         else:
             env[env_name(key)] = value
     return argv, env

@@ -92,6 +92,7 @@ class Namespace:
         self.lookups: dict[int, int] = {}
         self.open: dict[int, OpenState] = {}
         self.entry_of: dict[int, tuple[int, bytes]] = {}
+        self.owner = (uid, gid)
         self._ensure_root(uid, gid)
         self._load_tree()
         self.gen = int(journal.one("SELECT coalesce(max(changed_gen), 0) FROM inodes")[0])
@@ -495,6 +496,42 @@ class Namespace:
         for ino in ids:
             self._maybe_purge(ino)
         return ids
+
+    # ---- entries known from the bucket -------------------------------------------------
+
+    def adopt_remote(self, parent: int, name: bytes, *, is_dir: bool, size: int = 0, mtime_ns: int = 0,
+                     key: str = "", etag: str = "") -> int:
+        """Add an entry that exists only in the bucket (another node wrote it, or a fresh cache).
+
+        It is durable and not cached: reads fetch it. Local names always win over remote ones.
+        """
+        existing = self.child_id(parent, name)
+        if existing is not None:
+            return existing
+        t = mtime_ns or now_ns()
+        mode = (stat.S_IFDIR | 0o755) if is_dir else (stat.S_IFREG | 0o644)
+        with self.journal.transaction():
+            cur = self.journal.execute(
+                "INSERT INTO inodes (mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, nlink, content_dirty, "
+                "durable, cached) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 1, ?)",
+                (mode, self.owner[0], self.owner[1], size, t, t, t, 2 if is_dir else 1, 1 if is_dir else 0),
+            )
+            ino = cur.lastrowid
+            self.journal.execute("INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)", (parent, name, ino))
+            if not is_dir:
+                self.journal.execute(
+                    "INSERT OR REPLACE INTO objects (key, inode, size, digest, etag) VALUES (?, ?, ?, NULL, ?)",
+                    (key, ino, size, etag))
+        self.entry_of[ino] = (parent, name)
+        return ino
+
+    def set_cached(self, ino: int, cached: bool) -> None:
+        self.journal.execute("UPDATE inodes SET cached=? WHERE id=?", (int(cached), ino))
+
+    def remote_key(self, ino: int) -> str | None:
+        """The key of an object that holds this inode's current content, if one is published."""
+        row = self.journal.one("SELECT key FROM objects WHERE inode=? AND key NOT LIKE '%/' LIMIT 1", (ino,))
+        return None if row is None else row[0]
 
     # ---- extended attributes -------------------------------------------------------------
 

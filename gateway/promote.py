@@ -26,6 +26,7 @@ from gateway.errors import CliError
 log = logging.getLogger(__name__)
 
 STATUS_XATTR = "user.ckptfs.status"
+STATE_XATTR = "user.ckptfs.state"  # 'durable' on a file, or on a directory whose whole tree is
 WORKERS = 16
 
 
@@ -52,6 +53,14 @@ def read_status(root: str) -> dict[str, Any] | None:
     try:
         return json.loads(os.getxattr(root, STATUS_XATTR))
     except (OSError, ValueError):
+        return None
+
+
+def read_state(path: str) -> str | None:
+    """The gateway's per-path state xattr (None where the file system does not provide it)."""
+    try:
+        return os.getxattr(path, STATE_XATTR).decode()
+    except OSError:
         return None
 
 
@@ -87,7 +96,7 @@ def resolve_target(path: str, endpoint_url: str | None, region: str | None) -> T
     if rel.split("/")[0] == s3ops.PRIVATE_DIR:
         raise CliError(f"{path}: gateway-private path", code=2)
     key = "/".join(p for p in (prefix, rel) if p)
-    return Target(bucket, key, endpoint_url or status.get("endpoint_url"), region, path,
+    return Target(bucket, key, endpoint_url or status.get("endpoint_url"), region, os.path.abspath(path),
                   status.get("mountpoint") or root, prefix)
 
 
@@ -144,6 +153,10 @@ def promote(target: Target, keep: bool = True) -> tuple[int, int]:
     with s3ops.s3_errors(f"listing s3://{target.bucket}/{target.key}"):
         objects = objects_of(s3, target)
     if target.local is not None:
+        state = read_state(target.local)
+        if state not in (None, "durable"):
+            raise CliError(f"{target.local} is {state}, not durable yet; run "
+                           f"`ckptfs wait {target.mountpoint} {target.local}` and retry", code=4)
         local = local_files(target)
         pending = sorted(k for k, size in local.items() if objects.get(k) != size)
         if pending:

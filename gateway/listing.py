@@ -1,0 +1,108 @@
+"""Bring objects that exist only in the bucket into the namespace.
+
+The whole prefix is listed once before the mount is ready (a fresh node sees every checkpoint),
+then again every `metadata_ttl_s` in the background, so files written by other nodes appear
+without any filesystem call waiting on the network. Keys that cannot be a POSIX path are skipped
+with one warning each; keys under `.ckptfs/` are the gateway's own and stay hidden.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+
+from gateway.errors import StoreError
+from gateway.namespace import NAME_MAX, ROOT_INODE, Namespace
+from gateway.store import PRIVATE_DIR, Store
+
+log = logging.getLogger(__name__)
+
+
+def key_components(key: str) -> list[str] | None:
+    """The path components of a relative key, or None if the key cannot be a path in the mount."""
+    if not key or key.startswith("/") or "\0" in key:
+        return None
+    parts = key.rstrip("/").split("/") if key.endswith("/") else key.split("/")
+    if key.endswith("/") and key.rstrip("/") != key[:-1]:
+        return None  # 'a//' : an empty component
+    for part in parts:
+        if part in ("", ".", "..") or len(part.encode("utf-8", "surrogateescape")) > NAME_MAX:
+            return None
+    if parts[0] == PRIVATE_DIR:
+        return None
+    return parts
+
+
+class BucketListing:
+    """Merges listings of the prefix into the namespace (`sync_once`, `run`)."""
+
+    def __init__(self, ns: Namespace, store: Store, ttl_s: float):
+        self.ns = ns
+        self.store = store
+        self.ttl_s = ttl_s
+        self.warned: set[str] = set()
+        self.last_sync_at: float | None = None
+        self.adopted = 0
+
+    async def sync_once(self) -> int:
+        """List the whole prefix and adopt unknown keys; returns how many entries were added."""
+        known = {r[0] for r in self.ns.journal.all("SELECT key FROM objects")}
+        added = 0
+        async for item in self.store.list_objects(""):
+            key = self.store.relative_key(item["Key"])
+            if key in known:
+                continue
+            added += self._adopt(key, item)
+        self.last_sync_at = time.time()
+        self.adopted += added
+        if added:
+            log.info("bucket listing: %d entries from the bucket added to the namespace", added)
+        return added
+
+    def _adopt(self, key: str, item: dict) -> int:
+        parts = key_components(key)
+        if parts is None:
+            if key.split("/")[0] != PRIVATE_DIR and key not in self.warned:
+                self.warned.add(key)
+                log.warning("skipping object key %r: it cannot be a path inside the mount", key)
+            return 0
+        parent = ROOT_INODE
+        added = 0
+        dir_parts = parts if key.endswith("/") else parts[:-1]
+        for part in dir_parts:
+            child = self.ns.child_id(parent, part.encode("utf-8", "surrogateescape"))
+            if child is None:
+                child = self.ns.adopt_remote(parent, part.encode("utf-8", "surrogateescape"), is_dir=True)
+                added += 1
+            elif not self.ns.getattr(child).is_dir:
+                self._warn_shadowed(key, "a file has the name of a directory component")
+                return added
+            parent = child
+        if key.endswith("/"):
+            return added
+        name = parts[-1].encode("utf-8", "surrogateescape")
+        existing = self.ns.child_id(parent, name)
+        if existing is not None:
+            if self.ns.getattr(existing).is_dir:
+                self._warn_shadowed(key, "a directory of the same name shadows it")
+            return added  # a local file of that name wins
+        mtime_ns = int(item["LastModified"].timestamp() * 1e9) if item.get("LastModified") else 0
+        self.ns.adopt_remote(parent, name, is_dir=False, size=int(item.get("Size", 0)), mtime_ns=mtime_ns,
+                             key=key, etag=item.get("ETag", ""))
+        return added + 1
+
+    def _warn_shadowed(self, key: str, why: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            log.warning("skipping object key %r: %s", key, why)
+
+    async def run(self) -> None:
+        """Re-list every ttl; a failed listing is logged and retried next time."""
+        while True:
+            await trio.sleep(self.ttl_s)
+            try:
+                await self.sync_once()
+            except StoreError as exc:
+                log.warning("bucket listing failed (%s); retrying in %.0fs", exc, self.ttl_s)
