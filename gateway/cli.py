@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         return getattr(exc, "code", 2)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `ckptfs status | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -200,7 +200,8 @@ def _start_metrics(config: Config, control: Control) -> None:
     except ImportError:
         log.warning("metrics requested but gateway.metrics is not available")
         return
-    start_metrics_server(config.metrics_addr, control.status)
+    # status() reads trio-owned state: the scrape thread runs it on the trio loop through the token
+    start_metrics_server(config.metrics_addr, control.status, trio_token=trio.lowlevel.current_trio_token())
 
 
 def configure_logging(config: Config) -> None:

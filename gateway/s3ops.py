@@ -13,14 +13,10 @@ from typing import Any, Iterator
 
 from gateway.config import ConfigError, parse_s3_url, resolve
 from gateway.errors import CliError
+from gateway.store import KEEP_TAG, PRIVATE_DIR, UPLOAD_TAGGING  # noqa: F401  (defined once, in store)
 
 log = logging.getLogger(__name__)
 
-# Tag the drain puts on every checkpoint object it uploads, and the value `promote` sets.
-# Lifecycle filters cannot negate a tag, so expiry matches the positive "false" value.
-KEEP_TAG = "ckptfs-keep"
-UPLOAD_TAGGING = f"{KEEP_TAG}=false"
-PRIVATE_DIR = ".ckptfs"
 
 
 def add_endpoint_args(parser: argparse.ArgumentParser) -> None:

@@ -34,6 +34,15 @@ METADATA_MTIME = "ckptfs-mtime-ns"
 METADATA_MODE = "ckptfs-mode"
 METADATA_TYPE = "ckptfs-type"
 PRIVATE_DIR = ".ckptfs"
+# Tag the drain puts on every checkpoint object it uploads, and the value `ckptfs promote` sets.
+# Lifecycle filters cannot negate a tag, so the expiry rule matches the positive "false" value.
+KEEP_TAG = "ckptfs-keep"
+UPLOAD_TAGGING = f"{KEEP_TAG}=false"
+
+
+def _tagging(key: str) -> dict[str, str]:
+    """Checkpoint objects are uploaded tagged ckptfs-keep=false; keys under .ckptfs/ are not."""
+    return {} if key.split("/", 1)[0] == PRIVATE_DIR else {"Tagging": UPLOAD_TAGGING}
 
 
 class Body(io.BytesIO):
@@ -128,12 +137,12 @@ class Store:
 
     async def put_object(self, key: str, body: bytes, metadata: dict[str, str]) -> str:
         resp = await self._call(f"PUT {key}", "put_object", Key=self.full_key(key), Body=Body(body),
-                                Metadata=metadata, ChecksumAlgorithm="CRC32")
+                                Metadata=metadata, ChecksumAlgorithm="CRC32", **_tagging(key))
         return resp["ETag"]
 
     async def create_multipart(self, key: str, metadata: dict[str, str]) -> str:
         resp = await self._call(f"create multipart {key}", "create_multipart_upload", Key=self.full_key(key),
-                                Metadata=metadata, ChecksumAlgorithm="CRC32")
+                                Metadata=metadata, ChecksumAlgorithm="CRC32", **_tagging(key))
         return resp["UploadId"]
 
     async def upload_part(self, key: str, upload_id: str, number: int, body: bytes) -> dict:

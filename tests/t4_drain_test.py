@@ -221,3 +221,17 @@ def test_unmount_no_drain_keeps_work_journaled(make_mount):
     m.start("--drain-delay", "0")
     m.wait(timeout=30)
     assert m.keys() == {"late": 10}
+
+
+def test_verify_command_detects_a_changed_object(ckptfs_mount):
+    from tests.conftest import ckptfs_cli
+
+    m = ckptfs_mount
+    write_file(m.path / "a", os.urandom(100_000))
+    write_file(m.path / "b", os.urandom(6_000_000))
+    m.wait()
+    ok = ckptfs_cli("verify", str(m.path))
+    assert "verified 2 objects: 0 problems" in ok.stdout
+    m.s3.boto3_client().put_object(Bucket=m.bucket, Key="run/b", Body=b"tampered")
+    bad = ckptfs_cli("verify", str(m.path), "b", check=False)
+    assert bad.returncode == 1 and "digest mismatch" in bad.stdout
