@@ -251,7 +251,10 @@ class Operations(pyfuse3.Operations):
         if attr.is_dir:
             raise FsError(errno.EISDIR)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        await self._ensure_local(inode, whole=writable)
+        if writable and flags & os.O_TRUNC and not attr.cached and self.reader and inode not in self.reader.fetches:
+            self.ns.set_cached(inode, True)  # the old content is discarded: no need to fetch it
+        else:
+            await self._ensure_local(inode, whole=writable)
         info = self._open_handle(inode, flags)
         if flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY and attr.size:
             self.cache.truncate(inode, 0)

@@ -184,3 +184,16 @@ def test_evicted_file_is_fetched_again(make_mount):
         m.wait()
     assert m.status()["evictions_total"] >= 1
     assert (m.path / "first").read_bytes() == first
+
+
+def test_overwrite_of_a_bucket_only_file_does_not_fetch_it(make_mount, tmp_path):
+    a = make_mount("a")
+    write_file(a.path / "ckpt.pt", os.urandom(20 * 1024 * 1024))
+    a.wait()
+    a.unmount()
+    fresh = make_mount("b", cache_dir=tmp_path / "fresh-cache")
+    write_file(fresh.path / "ckpt.pt", b"new content")  # open(O_WRONLY|O_TRUNC)
+    assert fresh.status()["fetched_bytes_total"] == 0
+    fresh.wait()
+    assert (fresh.path / "ckpt.pt").read_bytes() == b"new content"
+    assert fresh.keys() == {"ckpt.pt": 11}
