@@ -380,6 +380,7 @@ class Drain:
             etag = await self._retrying(f"complete {key}",
                                         lambda: self.store.complete_multipart(key, upload_id, parts))
             completed = True
+            await self._abort_strays(key, upload_id)
             return etag
         finally:
             if not completed:
@@ -392,6 +393,17 @@ class Drain:
                             completed = None
             if completed is not None:
                 self.journal.execute("DELETE FROM multipart WHERE upload_id=?", (upload_id,))
+
+    async def _abort_strays(self, key: str, keep: str) -> None:
+        """Abort other incomplete uploads of `key`: ones whose CreateMultipartUpload answer was lost
+        to a reset, or whose abort failed. Best effort; the lifecycle rule is the backstop."""
+        try:
+            for upload_id in await self.store.list_multipart_uploads(key):
+                if upload_id != keep:
+                    await self.store.abort_multipart(key, upload_id)
+                    self.journal.execute("DELETE FROM multipart WHERE upload_id=?", (upload_id,))
+        except StoreError as exc:
+            log.info("could not clean up stray uploads of %s: %s", key, exc)
 
     async def _upload_part(self, ino, token, key, upload_id, path, number, offset, length, parts) -> None:
         async with self.part_limiter:

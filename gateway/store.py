@@ -165,6 +165,12 @@ class Store:
             if exc.code not in ("NoSuchUpload", "NoSuchKey"):
                 raise
 
+    async def list_multipart_uploads(self, key: str) -> list[str]:
+        """Upload ids of incomplete multipart uploads of exactly `key`."""
+        full = self.full_key(key)
+        resp = await self._call(f"list uploads {key}", "list_multipart_uploads", Prefix=full)
+        return [u["UploadId"] for u in resp.get("Uploads", []) if u["Key"] == full]
+
     async def copy_object(self, source: str, key: str) -> str:
         resp = await self._call(f"copy {source} -> {key}", "copy_object", Key=self.full_key(key),
                                 CopySource={"Bucket": self.bucket, "Key": self.full_key(source)},
