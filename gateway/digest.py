@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import os
+import zlib
 
 import xxhash
 
@@ -37,3 +39,15 @@ def read_range(path: str, offset: int, length: int) -> bytes:
     if len(data) != length:
         raise EOFError(f"{path}: wanted {length} bytes at {offset}, got {len(data)}")
     return data
+
+
+def crc32_b64(data: bytes) -> str:
+    """The S3 `x-amz-checksum-crc32` value of `data`."""
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+
+
+def read_range_crc32(path: str, offset: int, length: int) -> tuple[bytes, str]:
+    """`read_range` plus its CRC32 checksum, both off the event loop (botocore would compute the
+    checksum on the loop: ~60 ms per 16 MiB part)."""
+    data = read_range(path, offset, length)
+    return data, crc32_b64(data)

@@ -17,8 +17,10 @@ import dataclasses
 import fnmatch
 import logging
 import random
+import re
 import stat
 import time
+import uuid
 
 import trio
 
@@ -27,9 +29,10 @@ from gateway.cache import CacheFiles
 from gateway.config import Config
 from gateway.errors import NoSuchKey, StoreError
 from gateway.journal import Journal
-from gateway.namespace import ROOT_INODE, Attr, Namespace
+from gateway.namespace import INODE_COLUMNS, ROOT_INODE, Attr, Namespace
+from gateway.priority import PriorityLimiter
 from gateway.store import (
-    METADATA_DIGEST, METADATA_MODE, METADATA_MTIME, METADATA_SIZE, METADATA_TYPE, Store,
+    PRIVATE_DIR, METADATA_DIGEST, METADATA_MODE, METADATA_MTIME, METADATA_SIZE, METADATA_TYPE, Store,
 )
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,8 @@ BACKOFF_BASE_S = 0.2
 BACKOFF_MAX_S = 30.0
 SCAN_LIMIT = 4096
 RATE_WINDOW_S = 10.0
+COALESCE_S = 0.02
+VIEW_MAX_AGE_S = 0.1
 
 
 class Superseded(Exception):
@@ -82,15 +87,18 @@ class Drain:
         self.store = store
         self.journal = journal
         self.config = config
-        self.part_limiter = trio.CapacityLimiter(config.upload_concurrency)
-        self.busy_inodes: dict[int, str] = {}   # inode -> "uploading" | "copying" | "marker"
-        self.busy_keys: set[str] = set()
+        self.part_limiter = PriorityLimiter(config.upload_concurrency)  # earliest commit position first
+        self.busy_inodes: dict[int, str] = {}   # inode -> "file" | "dir" while its job runs
+        self.max_files_in_flight = max(2, config.upload_concurrency)
+        self.busy_keys: set[str] = set()       # keys a running job writes, copies from or deletes
+        self.claims: dict[int, set[str]] = {}  # inode -> the keys its job claimed
         self.not_before: dict[object, float] = {}  # backoff per inode or stale key
         self.failures: dict[object, int] = {}
         self.counters = DrainCounters()
-        self.view = PendingView()
+        self._view: PendingView | None = None
+        self._view_at = 0.0
+        self._hold_re = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in config.hold_patterns) or "(?!)")
         self._rate: collections.deque[tuple[float, int]] = collections.deque()
-        self._pending_seqs: set[int] = set()
         self._min_pending: int | None = None
         self._turn_changed = trio.Event()
         self._wake = trio.Event()
@@ -108,14 +116,15 @@ class Drain:
         self._wake.set()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        await self._abort_interrupted_multiparts()
         async with trio.open_nursery() as nursery:
             task_status.started()
+            nursery.start_soon(self._abort_interrupted_multiparts)  # never holds up the mount
             while not self._stopping:
                 self._wake = trio.Event()
                 self._schedule(nursery)
                 with trio.move_on_after(self._tick_s()):
                     await self._wake.wait()
+                await trio.sleep(COALESCE_S)  # one pass serves a burst of changes (creates, closes)
             nursery.cancel_scope.cancel()
 
     def _tick_s(self) -> float:
@@ -125,15 +134,12 @@ class Drain:
         """Wait until nothing drainable is pending; False on timeout."""
         with trio.move_on_after(timeout_s):
             while True:
-                self._schedule_now()
-                v = self.view
+                self.wake()
+                v = self.refresh_view()
                 if v.dirty_files + v.queued_files + v.uploading_files + v.stale_objects == 0 and not self.busy_inodes:
                     return True
                 await trio.sleep(0.1)
         return False
-
-    def _schedule_now(self) -> None:
-        self.wake()
 
     async def _abort_interrupted_multiparts(self) -> None:
         """Multipart uploads begun before a crash are aborted; their files are still pending."""
@@ -149,90 +155,79 @@ class Drain:
     # ---- scheduling ---------------------------------------------------------------------
 
     def _schedule(self, nursery: trio.Nursery) -> None:
+        """Start every due inode: ready, closed, quiet for the drain delay, not held, not backing off.
+
+        One query returns only what is due, in commit order, so a pass costs what it starts, not
+        what is pending (a burst of thousands of new files stays cheap).
+        """
         now = time.time()
-        view = PendingView(durable_through_gen=self.ns.gen)
-        candidates: list[tuple[Attr, str]] = []
-        pending_seqs: set[int] = set()
-        rows = list(self.journal.all(
-            "SELECT id FROM inodes WHERE durable=0 AND nlink>0 "
-            "ORDER BY ready_seq IS NULL, ready_seq LIMIT ?", (SCAN_LIMIT,)))
-        for (ino,) in rows:
-            try:
-                attr = self.ns.getattr(ino)
-            except Exception:
+        self._update_gate()
+        rows = self.journal.all(
+            f"SELECT {INODE_COLUMNS} FROM inodes WHERE durable=0 AND nlink>0 AND ready_seq IS NOT NULL "
+            "AND changed_at <= ? ORDER BY ready_seq LIMIT ?", (now - self.config.drain_delay_s, SCAN_LIMIT))
+        files_active = sum(1 for kind in self.busy_inodes.values() if kind == "file")
+        for row in rows:
+            attr = Attr(*row)
+            if attr.id in self.busy_inodes or self.ns.writers(attr.id) > 0:
                 continue
-            path = self.ns.path_of(ino)
-            if ino == ROOT_INODE or path is None:
+            path = self.ns.path_of(attr.id)
+            if attr.id == ROOT_INODE or path is None:
                 self._mark_durable(attr)
                 continue
-            kind = self._classify(attr, path, now)
-            self._count(view, attr, kind, now)
-            if kind in ("queued", "waiting", "uploading") and not attr.is_dir:
-                pending_seqs.add(attr.ready_seq)
-            if kind == "queued":
-                candidates.append((attr, path))
-        view.stale_objects = self._schedule_deletes(nursery, now)
-        self.view = view
-        self._set_pending(pending_seqs | {s for s in self._active_seqs()})
-        for attr, path in candidates:
-            self._start(nursery, attr, path, now)
+            if self._held(path, attr.changed_at, now):
+                continue
+            # A bounded window of files in flight, earliest first; the file whose turn it is always
+            # starts, so a full window of later files can never wait on it forever.
+            if not attr.is_dir and files_active >= self.max_files_in_flight and attr.ready_seq != self._min_pending:
+                continue
+            if self._start(nursery, attr, path, now) and not attr.is_dir:
+                files_active += 1
+        self._schedule_deletes(nursery, now)
 
-    def _classify(self, attr: Attr, path: str, now: float) -> str:
-        if attr.id in self.busy_inodes:
-            return "uploading"
-        if attr.ready_seq is None or self.ns.writers(attr.id) > 0:
-            return "dirty"
-        if self.is_held(path) and now - attr.changed_at < self.config.hold_limit_s:
-            return "held"
-        if now - attr.changed_at < self.config.drain_delay_s:
-            return "waiting"
-        return "queued"
-
-    def _count(self, view: PendingView, attr: Attr, kind: str, now: float) -> None:
-        if kind == "held":
-            view.held_files += int(not attr.is_dir)
-            return
-        view.durable_through_gen = min(view.durable_through_gen, attr.changed_gen - 1)
-        if attr.is_dir:
-            return
-        if kind == "dirty":
-            view.dirty_files += 1
-            view.dirty_bytes += attr.size
-        elif kind == "uploading":
-            view.uploading_files += 1
-            view.dirty_bytes += attr.size
-        else:
-            view.queued_files += 1
-            view.dirty_bytes += attr.size
-        if view.oldest_pending_at is None or attr.changed_at < view.oldest_pending_at:
-            view.oldest_pending_at = attr.changed_at
+    def _held(self, path: str, changed_at: float, now: float) -> bool:
+        return self.is_held(path) and now - changed_at < self.config.hold_limit_s
 
     def is_held(self, path: str) -> bool:
         """Whether any component of `path` is a temporary name (config.hold_patterns)."""
-        return any(fnmatch.fnmatchcase(part, pattern)
-                   for part in path.split("/") for pattern in self.config.hold_patterns)
+        return any(self._hold_re.match(part) for part in path.split("/"))
 
-    def _start(self, nursery: trio.Nursery, attr: Attr, path: str, now: float) -> None:
+    def _start(self, nursery: trio.Nursery, attr: Attr, path: str, now: float) -> bool:
+        """Start the inode's job if it can claim its key and every key it may copy from."""
         key = path + "/" if attr.is_dir else path
-        if self.not_before.get(attr.id, 0) > now or key in self.busy_keys:
-            return
-        self.busy_inodes[attr.id] = "uploading"
-        self.busy_keys.add(key)
+        claim = {key, *self._objects_of(attr.id)}
+        if self.not_before.get(attr.id, 0) > now or claim & self.busy_keys:
+            return False
+        self.busy_inodes[attr.id] = "dir" if attr.is_dir else "file"
+        self.busy_keys |= claim
+        self.claims[attr.id] = claim
         nursery.start_soon(self._sync_inode, attr, key, attr.id)
+        return True
 
-    def _active_seqs(self) -> set[int]:
-        seqs = set()
-        for ino in self.busy_inodes:
-            row = self.journal.one("SELECT ready_seq FROM inodes WHERE id=?", (ino,))
-            if row and row[0] is not None and not stat.S_ISDIR(self.ns.getattr(ino).mode):
-                seqs.add(row[0])
-        return seqs
+    # ---- commit order -------------------------------------------------------------------
 
-    def _set_pending(self, seqs: set[int]) -> None:
-        self._pending_seqs = seqs
-        self._min_pending = min(seqs, default=None)
-        self._turn_changed.set()
-        self._turn_changed = trio.Event()
+    def _update_gate(self) -> None:
+        """The earliest place in the commit order that is still pending (the turn), and wake waiters.
+
+        Pending: a ready file (not a directory) that is not durable, has no writer and is not held.
+        """
+        now = time.time()
+        earliest = None
+        cursor = self.journal.execute(
+            "SELECT id, ready_seq, mode, changed_at FROM inodes WHERE durable=0 AND nlink>0 "
+            "AND ready_seq IS NOT NULL ORDER BY ready_seq")
+        for ino, seq, mode, changed_at in cursor:
+            if stat.S_ISDIR(mode) or self.ns.writers(ino) > 0:
+                continue
+            path = self.ns.path_of(ino)
+            if path is None or self._held(path, changed_at, now):
+                continue
+            earliest = seq
+            break
+        cursor.close()
+        if earliest != self._min_pending:
+            self._min_pending = earliest
+            self._turn_changed.set()
+            self._turn_changed = trio.Event()
 
     async def _wait_turn(self, seq: int | None) -> None:
         """Block until every pending file before `seq` in the commit order is visible."""
@@ -241,14 +236,60 @@ class Drain:
         while self._min_pending is not None and self._min_pending < seq:
             await self._turn_changed.wait()
 
-    def _done_with_seq(self, seq: int | None) -> None:
-        if seq is not None and seq in self._pending_seqs:
-            self._set_pending(self._pending_seqs - {seq})
+    # ---- what is pending, for status and `wait` -----------------------------------------
+
+    @property
+    def view(self) -> PendingView:
+        if self._view is None or time.monotonic() - self._view_at > VIEW_MAX_AGE_S:
+            return self.refresh_view()
+        return self._view
+
+    def refresh_view(self) -> PendingView:
+        now = time.time()
+        view = PendingView(durable_through_gen=self.ns.gen)
+        for row in self.journal.all(f"SELECT {INODE_COLUMNS} FROM inodes WHERE durable=0 AND nlink>0"):
+            attr = Attr(*row)
+            path = self.ns.path_of(attr.id)
+            if attr.id == ROOT_INODE or path is None:
+                continue
+            self._count(view, attr, self._classify(attr, path, now))
+        view.stale_objects = sum(1 for (key,) in self.journal.all("SELECT key FROM objects WHERE inode IS NULL")
+                                 if not self._key_wanted(key))
+        self._view, self._view_at = view, time.monotonic()
+        return view
+
+    def _classify(self, attr: Attr, path: str, now: float) -> str:
+        if attr.id in self.busy_inodes:
+            return "uploading"
+        if attr.ready_seq is None or self.ns.writers(attr.id) > 0:
+            return "dirty"
+        if self._held(path, attr.changed_at, now):
+            return "held"
+        return "queued"
+
+    def _count(self, view: PendingView, attr: Attr, kind: str) -> None:
+        if kind == "held":
+            view.held_files += int(not attr.is_dir)
+            return
+        view.durable_through_gen = min(view.durable_through_gen, attr.changed_gen - 1)
+        if attr.is_dir:
+            return
+        size = self.ns.getattr(attr.id).size if kind == "dirty" else attr.size
+        view.dirty_bytes += size
+        if kind == "dirty":
+            view.dirty_files += 1
+        elif kind == "uploading":
+            view.uploading_files += 1
+        else:
+            view.queued_files += 1
+        if view.oldest_pending_at is None or attr.changed_at < view.oldest_pending_at:
+            view.oldest_pending_at = attr.changed_at
 
     # ---- one inode ----------------------------------------------------------------------
 
     async def _sync_inode(self, attr: Attr, key: str, ino: int) -> None:
         try:
+            attr = self._recheck(attr, key)  # the scheduler's row may be older than this task
             if attr.is_dir:
                 await self._sync_directory(attr, key)
             else:
@@ -263,8 +304,17 @@ class Drain:
             self._record_failure(ino, f"{key}: reading the cache file failed: {exc}")
         finally:
             self.busy_inodes.pop(ino, None)
-            self.busy_keys.discard(key)
+            self.busy_keys -= self.claims.pop(ino, set())
+            self._update_gate()  # durable now, or moved/changed: the turn may pass to later files
             self.wake()
+
+    def _recheck(self, attr: Attr, key: str) -> Attr:
+        fresh = self.ns.getattr(attr.id)
+        path = self.ns.path_of(attr.id)
+        if (fresh.durable or fresh.nlink == 0 or fresh.ready_seq is None or self.ns.writers(attr.id) > 0
+                or path is None or (path + "/" if fresh.is_dir else path) != key):
+            raise Superseded("changed before its upload started")
+        return fresh
 
     def _record_failure(self, what: object, message: str) -> None:
         count = self.failures.get(what, 0) + 1
@@ -303,15 +353,9 @@ class Drain:
     async def _sync_file(self, attr: Attr, key: str) -> None:
         token = self._token(attr.id)
         have = self._objects_of(attr.id)
-        seq = attr.ready_seq
-        try:
-            await self._publish_file(attr, key, token, have)
-        except Superseded:
-            self._done_with_seq(seq)  # it has a new place in the order, or none while written
-            raise
+        await self._publish_file(attr, key, token, have)
         self._orphan_other_keys(attr.id, key)
         self._finish(attr.id, token, attr)
-        self._done_with_seq(seq)
 
     async def _publish_file(self, attr: Attr, key: str, token, have: list[str]) -> None:
         seq = attr.ready_seq
@@ -320,6 +364,7 @@ class Drain:
         elif not attr.content_dirty and have:
             await self._wait_turn(seq)
             self._check_token(attr.id, token)
+            await self._rescue_displaced(key, attr.id)
             await self._retrying(f"copy {have[0]} -> {key}", lambda: self.store.copy_object(have[0], key))
             self._record_object(key, attr.id, attr.size, attr.digest or "", "")
             self.counters.copied_files += 1
@@ -327,6 +372,23 @@ class Drain:
             await self._upload_small(attr, key, token, attr.target or b"", "symlink")
         else:
             await self._upload_file(attr, key, token)
+
+    async def _rescue_displaced(self, key: str, ino: int) -> None:
+        """Before `key` is overwritten: if it holds the published content of another live file
+        (names were swapped), copy that to a private stash key, which that file's job copies from."""
+        row = self.journal.one(
+            "SELECT o.inode, o.size, o.digest FROM objects o JOIN inodes i ON i.id = o.inode "
+            "WHERE o.key=? AND o.inode<>? AND i.nlink>0 AND i.content_dirty=0", (key, ino))
+        if row is None or self.ns.path_of(row[0]) is None:
+            return
+        other, size, digest = row
+        stash = f"{PRIVATE_DIR}/stash/{other}-{uuid.uuid4().hex[:12]}"
+        await self._retrying(f"stash {key}", lambda: self.store.copy_object(key, stash))
+        with self.journal.transaction():
+            self.journal.execute("INSERT OR REPLACE INTO objects (key, inode, size, digest, etag) "
+                                 "VALUES (?, ?, ?, ?, '')", (stash, other, size, digest))
+            self.journal.execute("UPDATE objects SET inode=NULL WHERE key=?", (key,))
+        log.info("%s held the content of another file (names swapped); kept it at %s", key, stash)
 
     def _check_token(self, ino: int, token: tuple[int, int]) -> None:
         if self._token(ino) != token:
@@ -342,10 +404,11 @@ class Drain:
             # Wait for the turn before taking a slot: a slot held while waiting could starve the
             # parts of an earlier multipart upload (deadlock).
             await self._wait_turn(attr.ready_seq)
-            async with self.part_limiter:
-                body = await trio.to_thread.run_sync(digests.read_range, path, 0, size)
+            await self._rescue_displaced(key, attr.id)
+            async with self.part_limiter.slot((attr.ready_seq or 0, 0)):
+                body, crc = await trio.to_thread.run_sync(digests.read_range_crc32, path, 0, size)
                 self._check_token(attr.id, token)
-                etag = await self._retrying(f"PUT {key}", lambda: self.store.put_object(key, body, metadata))
+                etag = await self._retrying(f"PUT {key}", lambda: self.store.put_object(key, body, metadata, crc))
         else:
             etag = await self._upload_multipart(attr, key, token, path, size, metadata)
         self._record_object(key, attr.id, size, digest, etag)
@@ -356,6 +419,7 @@ class Drain:
         digest = digests.bytes_digest(body)
         await self._wait_turn(attr.ready_seq)
         self._check_token(attr.id, token)
+        await self._rescue_displaced(key, attr.id)
         etag = await self.store.put_object(key, body, self._metadata(attr, digest, kind))
         self._record_object(key, attr.id, len(body), digest, etag)
         self._set_digest(attr.id, token, digest)
@@ -372,11 +436,13 @@ class Drain:
             async with trio.open_nursery() as nursery:
                 for number in range(1, count + 1):
                     offset = (number - 1) * part_size
-                    nursery.start_soon(self._upload_part, attr.id, token, key, upload_id, path, number, offset,
+                    nursery.start_soon(self._upload_part, attr.id, attr.ready_seq, token, key, upload_id, path,
+                                       number, offset,
                                        min(part_size, size - offset), parts)
             self._check_token(attr.id, token)
             await self._wait_turn(attr.ready_seq)
             self._check_token(attr.id, token)
+            await self._rescue_displaced(key, attr.id)
             etag = await self._retrying(f"complete {key}",
                                         lambda: self.store.complete_multipart(key, upload_id, parts))
             completed = True
@@ -405,12 +471,12 @@ class Drain:
         except StoreError as exc:
             log.info("could not clean up stray uploads of %s: %s", key, exc)
 
-    async def _upload_part(self, ino, token, key, upload_id, path, number, offset, length, parts) -> None:
-        async with self.part_limiter:
+    async def _upload_part(self, ino, seq, token, key, upload_id, path, number, offset, length, parts) -> None:
+        async with self.part_limiter.slot((seq or 0, number)):
             self._check_token(ino, token)
-            body = await trio.to_thread.run_sync(digests.read_range, path, offset, length)
+            body, crc = await trio.to_thread.run_sync(digests.read_range_crc32, path, offset, length)
             parts[number - 1] = await self._retrying(
-                f"part {number} of {key}", lambda: self.store.upload_part(key, upload_id, number, body))
+                f"part {number} of {key}", lambda: self.store.upload_part(key, upload_id, number, body, crc))
             self._count_rate(length)
 
     async def _retrying(self, what: str, call):
@@ -483,18 +549,15 @@ class Drain:
 
     # ---- stale objects ---------------------------------------------------------------
 
-    def _schedule_deletes(self, nursery: trio.Nursery, now: float) -> int:
+    def _schedule_deletes(self, nursery: trio.Nursery, now: float) -> None:
         stale = self.journal.all("SELECT key FROM objects WHERE inode IS NULL LIMIT ?", (SCAN_LIMIT,))
-        waiting = 0
         for (key,) in stale:
-            if self._key_wanted(key):
-                continue  # a live file will overwrite it; until then it shows the previous content
-            waiting += 1
             if key in self.busy_keys or self.not_before.get(key, 0) > now:
                 continue
+            if self._key_wanted(key):
+                continue  # a live file will overwrite it; until then it shows the previous content
             self.busy_keys.add(key)
             nursery.start_soon(self._delete_stale, key)
-        return waiting
 
     def _key_wanted(self, key: str) -> bool:
         ino = self.ns.resolve(key.rstrip("/"))

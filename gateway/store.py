@@ -18,6 +18,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.httpxsession import HttpxSession
 from aiobotocore.session import get_session
 
+from gateway.digest import crc32_b64
 from gateway.errors import NoSuchKey, StoreError
 
 log = logging.getLogger(__name__)
@@ -135,9 +136,10 @@ class Store:
         except NoSuchKey:
             raise StoreError(f"bucket {self.bucket} does not exist", transient=False, code="NoSuchBucket") from None
 
-    async def put_object(self, key: str, body: bytes, metadata: dict[str, str]) -> str:
+    async def put_object(self, key: str, body: bytes, metadata: dict[str, str], crc32: str | None = None) -> str:
+        """PUT with a CRC32 checksum the server verifies (computed here unless given)."""
         resp = await self._call(f"PUT {key}", "put_object", Key=self.full_key(key), Body=Body(body),
-                                Metadata=metadata, ChecksumAlgorithm="CRC32", **_tagging(key))
+                                Metadata=metadata, ChecksumCRC32=crc32 or crc32_b64(body), **_tagging(key))
         return resp["ETag"]
 
     async def create_multipart(self, key: str, metadata: dict[str, str]) -> str:
@@ -145,13 +147,11 @@ class Store:
                                 Metadata=metadata, ChecksumAlgorithm="CRC32", **_tagging(key))
         return resp["UploadId"]
 
-    async def upload_part(self, key: str, upload_id: str, number: int, body: bytes) -> dict:
+    async def upload_part(self, key: str, upload_id: str, number: int, body: bytes, crc32: str | None = None) -> dict:
+        crc32 = crc32 or crc32_b64(body)
         resp = await self._call(f"part {number} of {key}", "upload_part", Key=self.full_key(key),
-                                UploadId=upload_id, PartNumber=number, Body=Body(body), ChecksumAlgorithm="CRC32")
-        part = {"PartNumber": number, "ETag": resp["ETag"]}
-        if resp.get("ChecksumCRC32"):
-            part["ChecksumCRC32"] = resp["ChecksumCRC32"]
-        return part
+                                UploadId=upload_id, PartNumber=number, Body=Body(body), ChecksumCRC32=crc32)
+        return {"PartNumber": number, "ETag": resp["ETag"], "ChecksumCRC32": resp.get("ChecksumCRC32") or crc32}
 
     async def complete_multipart(self, key: str, upload_id: str, parts: list[dict]) -> str:
         resp = await self._call(f"complete {key}", "complete_multipart_upload", Key=self.full_key(key),
