@@ -13,8 +13,10 @@ with exponential backoff and jitter, forever: nothing pending is ever dropped.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import fnmatch
+import hashlib
 import logging
 import random
 import re
@@ -43,11 +45,43 @@ BACKOFF_MAX_S = 30.0
 SCAN_LIMIT = 4096
 RATE_WINDOW_S = 10.0
 COALESCE_S = 0.02
+STARTUP_CLEANUP_S = 30.0
 VIEW_MAX_AGE_S = 0.1
+
+
+def multipart_etag(parts: list[dict]) -> str:
+    """The ETag S3 gives a completed multipart object: md5 of the parts' md5s, dash, part count."""
+    digest = hashlib.md5(b"".join(bytes.fromhex(p["ETag"].strip('"')) for p in parts))
+    return f'"{digest.hexdigest()}-{len(parts)}"'
 
 
 class Superseded(Exception):
     """The file changed, moved or vanished while it was being uploaded; try again later."""
+
+
+@contextlib.asynccontextmanager
+async def open_task_group():
+    """A nursery for the parts of one upload: the first part's error is raised as itself.
+
+    trio wraps child errors in an ExceptionGroup; the callers handle StoreError/Superseded.
+    """
+    try:
+        async with trio.open_nursery() as nursery:
+            yield nursery
+    except ExceptionGroup as group:  # not BaseExceptionGroup: a cancellation stays a cancellation
+        leaves = _leaves(group)
+        for kind in (Superseded, StoreError, OSError, EOFError):
+            for leaf in leaves:
+                if isinstance(leaf, kind):
+                    raise leaf from None
+        raise
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 @dataclasses.dataclass
@@ -103,7 +137,7 @@ class Drain:
         self._turn_changed = trio.Event()
         self._wake = trio.Event()
         self._stopping = False
-        self._idle = trio.Event()
+        self.started_at = time.time()
         ns.on_change = self.wake
 
     # ---- service ------------------------------------------------------------------------
@@ -117,8 +151,9 @@ class Drain:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            task_status.started()
-            nursery.start_soon(self._abort_interrupted_multiparts)  # never holds up the mount
+            task_status.started()  # the mount is ready; the clean-up below never holds it up
+            with trio.move_on_after(STARTUP_CLEANUP_S):
+                await self._abort_interrupted_multiparts()  # before any upload of ours exists
             while not self._stopping:
                 self._wake = trio.Event()
                 self._schedule(nursery)
@@ -142,7 +177,43 @@ class Drain:
         return False
 
     async def _abort_interrupted_multiparts(self) -> None:
-        """Multipart uploads begun before a crash are aborted; their files are still pending."""
+        """Multipart uploads begun before a crash are aborted; their files are still pending.
+
+        Those whose ids reached the journal are aborted by id. An upload the dead daemon began
+        but had not journaled yet (killed between the answer and the insert) is found by listing:
+        uploads of keys this gateway owns that were initiated before this start.
+        """
+        await self._abort_journaled_uploads()
+        await self._abort_unjournaled_uploads()
+
+    async def _abort_unjournaled_uploads(self) -> None:
+        try:
+            uploads = await self.store.incomplete_uploads()
+        except StoreError as exc:
+            log.info("could not list incomplete uploads (%s); the lifecycle rule cleans them up", exc)
+            return
+        for upload in uploads:
+            key = self.store.relative_key(upload["Key"])
+            initiated = upload.get("Initiated")
+            if initiated is not None and initiated.timestamp() > self.started_at:
+                continue  # begun by this daemon (or another node) after we started
+            if not self._owned_key(key):
+                continue  # not ours: another node may be uploading it
+            if self.journal.one("SELECT 1 FROM multipart WHERE upload_id=?", (upload["UploadId"],)):
+                continue  # begun by this daemon (some servers report no useful Initiated time)
+            try:
+                await self.store.abort_multipart(key, upload["UploadId"])
+                log.info("aborted an unjournaled multipart upload of %s left by a crash", key)
+            except StoreError as exc:
+                log.info("could not abort an old upload of %s: %s", key, exc)
+
+    def _owned_key(self, key: str) -> bool:
+        ino = self.ns.resolve(key)
+        if ino is not None and not self.ns.getattr(ino).is_dir:
+            return True
+        return self.journal.one("SELECT 1 FROM objects WHERE key=?", (key,)) is not None
+
+    async def _abort_journaled_uploads(self) -> None:
         for upload_id, key in self.journal.all("SELECT upload_id, key FROM multipart"):
             try:
                 await self.store.abort_multipart(key, upload_id)
@@ -302,6 +373,9 @@ class Drain:
             self._record_failure(ino, f"{key}: {exc}")
         except (OSError, EOFError) as exc:
             self._record_failure(ino, f"{key}: reading the cache file failed: {exc}")
+        except Exception as exc:  # a bug must not end the drain (and with it the mount)
+            log.exception("drain: unexpected error syncing %s", key)
+            self._record_failure(ino, f"{key}: internal error: {exc!r}")
         finally:
             self.busy_inodes.pop(ino, None)
             self.busy_keys -= self.claims.pop(ino, set())
@@ -433,7 +507,7 @@ class Drain:
             part_size = self.config.part_size_bytes
             count = (size + part_size - 1) // part_size
             parts: list[dict | None] = [None] * count
-            async with trio.open_nursery() as nursery:
+            async with open_task_group() as nursery:
                 for number in range(1, count + 1):
                     offset = (number - 1) * part_size
                     nursery.start_soon(self._upload_part, attr.id, attr.ready_seq, token, key, upload_id, path,
@@ -443,8 +517,7 @@ class Drain:
             await self._wait_turn(attr.ready_seq)
             self._check_token(attr.id, token)
             await self._rescue_displaced(key, attr.id)
-            etag = await self._retrying(f"complete {key}",
-                                        lambda: self.store.complete_multipart(key, upload_id, parts))
+            etag = await self._complete(key, upload_id, parts)
             completed = True
             await self._abort_strays(key, upload_id)
             return etag
@@ -459,6 +532,23 @@ class Drain:
                             completed = None
             if completed is not None:
                 self.journal.execute("DELETE FROM multipart WHERE upload_id=?", (upload_id,))
+
+    async def _complete(self, key: str, upload_id: str, parts: list) -> str:
+        """CompleteMultipartUpload; if an earlier attempt's answer was lost and the server now says
+        NoSuchUpload, the object's multipart ETag tells whether that attempt did complete."""
+        try:
+            return await self._retrying(f"complete {key}", lambda: self.store.complete_multipart(key, upload_id, parts))
+        except StoreError as exc:
+            if exc.code != "NoSuchUpload":
+                raise
+            expected = multipart_etag(parts)
+            try:
+                head = await self.store.head_object(key)
+            except StoreError:
+                raise exc from None
+            if head.get("ETag") != expected:
+                raise
+            return expected
 
     async def _abort_strays(self, key: str, keep: str) -> None:
         """Abort other incomplete uploads of `key`: ones whose CreateMultipartUpload answer was lost
@@ -578,6 +668,9 @@ class Drain:
             self.journal.execute("DELETE FROM objects WHERE key=? AND inode IS NULL", (key,))
         except StoreError as exc:
             self._record_failure(key, f"delete {key}: {exc}")
+        except Exception as exc:  # never end the drain
+            log.exception("drain: unexpected error deleting %s", key)
+            self._record_failure(key, f"delete {key}: internal error: {exc!r}")
         finally:
             self.busy_keys.discard(key)
             self.wake()

@@ -132,7 +132,7 @@ class Reader:
                                  transient=False)
             self.ns.set_cached(fetch.ino, True)
             self.cache.used_bytes += fetch.size
-        except (StoreError, OSError) as exc:
+        except (StoreError, OSError, ExceptionGroup) as exc:  # a group: a chunk task failed
             fetch.error = str(exc)
             log.error("read of %s failed: %s", key, exc)
             if fetch.ino in self.corrupt:

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 TRANSIENT_CODES = {
     "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed",
     "Throttling", "ThrottlingException", "OperationAborted", "BadDigest", "IncompleteBody",
-    "XAmzContentSHA256Mismatch", "InvalidPart", "NoSuchUpload",
+    "XAmzContentSHA256Mismatch",
 }
 MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 METADATA_DIGEST = "ckptfs-xxh3"
@@ -168,8 +168,19 @@ class Store:
     async def list_multipart_uploads(self, key: str) -> list[str]:
         """Upload ids of incomplete multipart uploads of exactly `key`."""
         full = self.full_key(key)
-        resp = await self._call(f"list uploads {key}", "list_multipart_uploads", Prefix=full)
-        return [u["UploadId"] for u in resp.get("Uploads", []) if u["Key"] == full]
+        return [u["UploadId"] for u in await self.incomplete_uploads(key) if u["Key"] == full]
+
+    async def incomplete_uploads(self, prefix: str = "") -> list[dict]:
+        """Incomplete multipart uploads under a relative prefix: Key (full), UploadId, Initiated."""
+        full = self.full_key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        uploads = []
+        try:
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+                uploads.extend(page.get("Uploads", []))
+        except Exception as exc:
+            raise classify(exc, f"list uploads {prefix}") from exc
+        return uploads
 
     async def copy_object(self, source: str, key: str) -> str:
         resp = await self._call(f"copy {source} -> {key}", "copy_object", Key=self.full_key(key),

@@ -142,7 +142,8 @@ class ContinuousCheckpointer:
             busy = self._job is not None
             failed = self._error is not None
         want = not busy and not failed and (self._last_step is None or step > self._last_step) \
-            and self._save_policy.should_save(step, now, self._last_step, self._last_time, busy)
+            and self._save_policy.should_save(step, now, self._last_step, self._last_time, busy) \
+            and not self._upload_backlog_full()
         if self._world > 1:
             want, any_failed = _all_agree(want, failed, self._decide_group)
             if any_failed:  # every rank raises, so that none waits in a collective for the others
@@ -411,6 +412,24 @@ class ContinuousCheckpointer:
         """The newest step with a commit marker."""
         steps = self.steps()
         return steps[-1] if steps else None
+
+    def _upload_backlog_full(self) -> bool:
+        """Whether the save policy's `max_not_durable` committed checkpoints are still uploading."""
+        limit = getattr(self._save_policy, "max_not_durable", None)
+        if limit is None:
+            return False
+        behind = 0
+        try:
+            steps = self.steps()
+        except OSError:
+            return False  # let the save itself fail and report why
+        for step in reversed(steps):
+            if self._durable_step(step):
+                break
+            behind += 1
+            if behind > limit:
+                return True
+        return False
 
     def latest_durable_step(self) -> int | None:
         """The newest committed step that is durable in the bucket."""

@@ -43,9 +43,16 @@ class Continuous(SavePolicy):
     """Save as soon as the previous save is locally committed.
 
     `min_interval_s` puts a floor on the time between the starts of two saves.
+    `max_not_durable` bounds how far the bucket may fall behind: a save starts only while at most
+    that many committed checkpoints are not yet durable (on a ckptfs mount whose endpoint is slower
+    than the local disk, an unbounded backlog would let the newest durable checkpoint age without
+    limit while the drain uploads checkpoints that retention deletes anyway). 1 keeps one
+    checkpoint uploading while the next is written; None removes the bound. On a plain directory
+    every committed checkpoint counts as durable, so the bound never applies.
     """
 
     min_interval_s: float = 0.0
+    max_not_durable: int | None = 1
 
     def should_save(self, step, now, last_step, last_time, busy):
         if busy:

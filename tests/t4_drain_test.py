@@ -6,7 +6,6 @@ import os
 import shutil
 import time
 
-import pytest
 import xxhash
 
 from tests.bucket_watch import BucketWatcher

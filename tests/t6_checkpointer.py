@@ -194,7 +194,8 @@ def test_retention_best_n_or_latest(tmp_path):
 def test_retention_never_deletes_the_newest_durable_or_newer(tmp_path):
     durable = {0, 1, 2}
     probe = lambda path: int(os.path.basename(path).split("_")[1]) in durable  # noqa: E731
-    with ContinuousCheckpointer(tmp_path, keep=LatestN(1), probe=probe) as ckpt:
+    unbounded = Continuous(max_not_durable=None)  # let saves run ahead of the (fake) bucket
+    with ContinuousCheckpointer(tmp_path, save=unbounded, keep=LatestN(1), probe=probe) as ckpt:
         for step in range(7):
             ckpt.maybe_save(step, {"x": torch.tensor(step)})
             ckpt.wait_local()
@@ -226,6 +227,30 @@ def test_wait_durable_polls_the_probe_and_times_out(tmp_path):
         assert ckpt.wait_durable(1, timeout=10) == 1
         with pytest.raises(NoCheckpointError):
             ckpt.wait_local(2)  # never saved
+
+
+def test_continuous_bounds_the_upload_backlog(tmp_path):
+    """With the endpoint behind, at most `max_not_durable` committed checkpoints wait for the bucket."""
+    durable_steps: set[int] = set()
+
+    def probe(path):
+        return int(os.path.basename(path).split("_")[1]) in durable_steps
+
+    with ContinuousCheckpointer(tmp_path, save=Continuous(max_not_durable=1), keep=LatestN(10),
+                                probe=probe) as ckpt:
+        assert ckpt.maybe_save(1, {"x": torch.tensor(1)})
+        ckpt.wait_local()
+        assert ckpt.maybe_save(2, {"x": torch.tensor(2)})  # one behind: allowed
+        ckpt.wait_local()
+        assert not ckpt.maybe_save(3, {"x": torch.tensor(3)}), "two behind: must wait for the drain"
+        durable_steps.add(1)
+        assert ckpt.maybe_save(4, {"x": torch.tensor(4)})
+        ckpt.wait_local()
+    with ContinuousCheckpointer(tmp_path / "unbounded", save=Continuous(max_not_durable=None),
+                                probe=lambda p: False) as ckpt:
+        for step in range(1, 4):
+            assert ckpt.maybe_save(step, {"x": torch.tensor(step)})
+            ckpt.wait_local()
 
 
 def test_probe_errors_are_not_swallowed(tmp_path):
