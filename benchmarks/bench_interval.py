@@ -54,12 +54,12 @@ import torch
 
 from benchmarks._common import MiB, Mount, emit, log, moto, print_table, run_main, workdir
 from mount import Continuous, ContinuousCheckpointer, FixedInterval, LatestN, durability  # noqa: E402
-from mount.demo import build_model  # noqa: E402
+from mount.demo import build_model, tensors_of  # noqa: E402
 from mount.snapshot import Snapshotter  # noqa: E402
 from tests.support.faultproxy import FaultProxy  # noqa: E402
 
 MODULE = "benchmarks.bench_interval"
-STRATEGIES = ("none", "upload", "ckptfs", "fixed")
+STRATEGIES = ("none", "upload", "ckptfs", "ckptfs-unbounded", "fixed")
 
 
 # ---------------------------------------------------------------------------- the training loop
@@ -74,7 +74,7 @@ class Trainer:
         self.batch = batch
         self.step_no = 0
         self.train_step()  # Adam's moments exist from here on: the state has its full size
-        self.state_bytes = sum(t.numel() * t.element_size() for t in _tensors(self.state()))
+        self.state_bytes = sum(t.numel() * t.element_size() for t in tensors_of(self.state()))
 
     def train_step(self) -> float:
         x = torch.randn(self.batch, self.width)
@@ -87,17 +87,6 @@ class Trainer:
 
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "optim": self.opt.state_dict(), "step": self.step_no}
-
-
-def _tensors(obj: Any):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
 
 
 def train_window(trainer: Trainer, seconds: float,
@@ -278,7 +267,8 @@ def run_window(name: str, seconds: float, args, trainer: Trainer, server, proxy:
             ckpt.close()  # the upload in flight, outside the window
             log(f"  upload: waited {time.monotonic() - t0:.1f} s for the upload in flight")
     else:
-        save = Continuous() if name == "ckptfs" else FixedInterval(steps=args.fixed_steps)
+        save = {"ckptfs": Continuous(),  # max_not_durable=1 (the default)
+                "ckptfs-unbounded": Continuous(max_not_durable=None)}.get(name) or FixedInterval(steps=args.fixed_steps)
         with Mount(_ProxyEndpoint(proxy), base, bucket=bucket, prefix=f"{name}-{uuid.uuid4().hex[:6]}") as m:
             run_dir = m.mnt / "run"
             ckpt = ContinuousCheckpointer(run_dir, save=save, keep=LatestN(3))

@@ -142,7 +142,7 @@ def run_demo(ckpt_root: str, *, seconds: float = 60, state_mb: int = 256, live: 
 
     step = 0
     loss = train_step()  # Adam's moments exist from here on: the state has its full size
-    state_bytes = sum(t.numel() * t.element_size() for t in _tensors(_state(model, opt, 0)))
+    state_bytes = sum(t.numel() * t.element_size() for t in tensors_of(_state(model, opt, 0)))
     ckpt = ContinuousCheckpointer(ckpt_root, save=Continuous(), keep=keep or LatestN(3))
     saved_steps: list[int] = []
     stalls: list[float] = []
@@ -219,15 +219,16 @@ def run_demo(ckpt_root: str, *, seconds: float = 60, state_mb: int = 256, live: 
     return summary
 
 
-def _tensors(obj: Any):
+def tensors_of(obj: Any):
+    """Every tensor in a nested state of dicts, lists and tuples."""
     if isinstance(obj, torch.Tensor):
         yield obj
     elif isinstance(obj, dict):
         for v in obj.values():
-            yield from _tensors(v)
+            yield from tensors_of(v)
     elif isinstance(obj, (list, tuple)):
         for v in obj:
-            yield from _tensors(v)
+            yield from tensors_of(v)
 
 
 def main(argv: list[str] | None = None) -> None:
