@@ -59,7 +59,7 @@ from mount.snapshot import Snapshotter  # noqa: E402
 from tests.support.faultproxy import FaultProxy  # noqa: E402
 
 MODULE = "benchmarks.bench_interval"
-STRATEGIES = ("none", "upload", "ckptfs", "ckptfs-unbounded", "fixed")
+STRATEGIES = ("none", "upload", "ckptfs", "ckptfs-bounded", "fixed")
 
 
 # ---------------------------------------------------------------------------- the training loop
@@ -267,8 +267,8 @@ def run_window(name: str, seconds: float, args, trainer: Trainer, server, proxy:
             ckpt.close()  # the upload in flight, outside the window
             log(f"  upload: waited {time.monotonic() - t0:.1f} s for the upload in flight")
     else:
-        save = {"ckptfs": Continuous(),  # max_not_durable=1 (the default)
-                "ckptfs-unbounded": Continuous(max_not_durable=None)}.get(name) or FixedInterval(steps=args.fixed_steps)
+        save = {"ckptfs-bounded": Continuous(max_not_durable=1),
+                "ckptfs": Continuous()}.get(name) or FixedInterval(steps=args.fixed_steps)
         with Mount(_ProxyEndpoint(proxy), base, bucket=bucket, prefix=f"{name}-{uuid.uuid4().hex[:6]}") as m:
             run_dir = m.mnt / "run"
             ckpt = ContinuousCheckpointer(run_dir, save=save, keep=LatestN(3))

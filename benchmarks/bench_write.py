@@ -18,7 +18,6 @@ that serves FUSE is the limit), and the split of the time into write() calls / f
 from __future__ import annotations
 
 import os
-import time
 
 from benchmarks._common import (
     MiB, Mount, base_parser, cpu_seconds, emit, human, log, median, moto, parse_size, print_table,

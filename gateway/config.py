@@ -51,7 +51,7 @@ class Config:
     allow_other: bool = False
     foreground: bool = False
     # drain
-    drain_delay_s: float = 0.5
+    drain_delay_s: float = 0.1
     drain_timeout_s: float = 600.0
     no_drain: bool = False
     part_size_bytes: int = 16 * 1024 * 1024

@@ -114,6 +114,7 @@ class Control:
             "uploaded_bytes_total": counters.uploaded_bytes,
             "uploaded_files_total": counters.uploaded_files,
             "copied_files_total": counters.copied_files,
+            "digest_passes_total": counters.digest_passes,
             "deleted_objects_total": counters.deleted_objects,
             "retries_total": counters.retries,
             "errors_total": counters.errors,

@@ -89,6 +89,7 @@ class DrainCounters:
     uploaded_bytes: int = 0
     uploaded_files: int = 0
     copied_files: int = 0
+    digest_passes: int = 0    # uploads whose digest needed a re-read of the file
     deleted_objects: int = 0
     retries: int = 0
     errors: int = 0
@@ -471,7 +472,10 @@ class Drain:
     async def _upload_file(self, attr: Attr, key: str, token: tuple[int, int]) -> None:
         path = str(self.cache.path(attr.id))
         size = attr.size
-        digest = await trio.to_thread.run_sync(digests.file_digest, path, size)
+        digest = self.ns.written_digest(attr.id, size)  # hashed while it was written
+        if digest is None:
+            digest = await trio.to_thread.run_sync(digests.file_digest, path, size)
+            self.counters.digest_passes += 1
         self._check_token(attr.id, token)
         metadata = self._metadata(attr, digest, "file")
         if size <= self.config.part_size_bytes:
@@ -480,9 +484,10 @@ class Drain:
             await self._wait_turn(attr.ready_seq)
             await self._rescue_displaced(key, attr.id)
             async with self.part_limiter.slot((attr.ready_seq or 0, 0)):
-                body, crc = await trio.to_thread.run_sync(digests.read_range_crc32, path, 0, size)
+                body, crc, sha = await trio.to_thread.run_sync(digests.read_range_sums, path, 0, size)
                 self._check_token(attr.id, token)
-                etag = await self._retrying(f"PUT {key}", lambda: self.store.put_object(key, body, metadata, crc))
+                etag = await self._retrying(f"PUT {key}",
+                                            lambda: self.store.put_object(key, body, metadata, crc, sha))
         else:
             etag = await self._upload_multipart(attr, key, token, path, size, metadata)
         self._record_object(key, attr.id, size, digest, etag)
@@ -500,6 +505,7 @@ class Drain:
         self._count_upload(len(body))
 
     async def _upload_multipart(self, attr: Attr, key: str, token, path: str, size: int, metadata) -> str:
+        started = time.monotonic()
         upload_id = await self.store.create_multipart(key, metadata)
         self.journal.execute("INSERT OR REPLACE INTO multipart VALUES (?, ?)", (upload_id, key))
         completed = False
@@ -513,12 +519,16 @@ class Drain:
                     nursery.start_soon(self._upload_part, attr.id, attr.ready_seq, token, key, upload_id, path,
                                        number, offset,
                                        min(part_size, size - offset), parts)
+            parts_done = time.monotonic()
             self._check_token(attr.id, token)
             await self._wait_turn(attr.ready_seq)
             self._check_token(attr.id, token)
             await self._rescue_displaced(key, attr.id)
+            turn = time.monotonic()
             etag = await self._complete(key, upload_id, parts)
             completed = True
+            log.info("uploaded %s: %d bytes in %d parts; parts %.2fs, turn %.2fs, complete %.2fs", key, size,
+                     count, parts_done - started, turn - parts_done, time.monotonic() - turn)
             await self._abort_strays(key, upload_id)
             return etag
         finally:
@@ -564,9 +574,9 @@ class Drain:
     async def _upload_part(self, ino, seq, token, key, upload_id, path, number, offset, length, parts) -> None:
         async with self.part_limiter.slot((seq or 0, number)):
             self._check_token(ino, token)
-            body, crc = await trio.to_thread.run_sync(digests.read_range_crc32, path, offset, length)
+            body, crc, sha = await trio.to_thread.run_sync(digests.read_range_sums, path, offset, length)
             parts[number - 1] = await self._retrying(
-                f"part {number} of {key}", lambda: self.store.upload_part(key, upload_id, number, body, crc))
+                f"part {number} of {key}", lambda: self.store.upload_part(key, upload_id, number, body, crc, sha))
             self._count_rate(length)
 
     async def _retrying(self, what: str, call):

@@ -279,7 +279,7 @@ class Operations(pyfuse3.Operations):
         if self.space is not None:
             await self.space.reserve(len(buf))
         written = self.cache.write(handle.ino, off, buf)
-        self.ns.note_write(handle.ino, off + written)
+        self.ns.note_write(handle.ino, off, buf if written == len(buf) else buf[:written])
         return written
 
     @fuse_errors

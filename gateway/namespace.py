@@ -14,6 +14,8 @@ import stat
 import time
 from typing import Callable, Iterator
 
+import xxhash
+
 from gateway.errors import FsError
 from gateway.journal import Journal
 
@@ -69,6 +71,8 @@ class OpenState:
     size: int | None = None   # current size while writes are pending in memory
     mtime_ns: int | None = None
     written: bool = False     # written since the journal last recorded size and mtime
+    hasher: object = None     # xxh3-128 of the content, while it is written strictly sequentially from 0
+    hashed: int = 0           # bytes fed to `hasher`
 
 
 def now_ns() -> int:
@@ -92,6 +96,7 @@ class Namespace:
         self.lookups: dict[int, int] = {}
         self.open: dict[int, OpenState] = {}
         self.entry_of: dict[int, tuple[int, bytes]] = {}
+        self.written_digests: dict[int, tuple[str, int]] = {}  # inode -> (xxh3, size) hashed while written
         self.owner = (uid, gid)
         self._ensure_root(uid, gid)
         self._load_tree()
@@ -356,6 +361,8 @@ class Namespace:
         if state is not None:
             if size is not None:
                 state.size = size
+                state.hasher = None if size else xxhash.xxh3_128()  # truncated to 0: hash anew
+                state.hashed = 0
             if mtime_ns is not None:
                 state.mtime_ns = mtime_ns
         if size is not None:
@@ -366,6 +373,7 @@ class Namespace:
 
     def content_changed(self, ino: int) -> None:
         """The content differs from what was published: not durable, not ready, old objects stale."""
+        self.written_digests.pop(ino, None)
         state = self.open.get(ino)
         if state is not None:
             state.version += 1
@@ -381,13 +389,28 @@ class Namespace:
             )
         self.on_change()
 
-    def note_write(self, ino: int, end: int) -> None:
+    def note_write(self, ino: int, offset: int, data: bytes) -> None:
         """A write reached the cache file: track size and mtime in memory, journal the first one."""
         state = self.open.setdefault(ino, OpenState())
         current = state.size if state.size is not None else self.getattr(ino).size
-        state.size = max(current, end)
+        self._hash_write(state, current, offset, data)
+        state.size = max(current, offset + len(data))
         state.mtime_ns = now_ns()
         self.content_changed(ino)
+
+    @staticmethod
+    def _hash_write(state: OpenState, size_before: int, offset: int, data: bytes) -> None:
+        """Checkpoints are written front to back: hash them on the way, so the drain need not
+        re-read the file for its digest. Any other pattern drops the running hash."""
+        if state.hasher is None and not state.written and size_before == 0 and offset == 0:
+            state.hasher, state.hashed = xxhash.xxh3_128(), 0
+        if state.hasher is None:
+            return
+        if offset != state.hashed or size_before != state.hashed:
+            state.hasher = None
+            return
+        state.hasher.update(data)
+        state.hashed += len(data)
 
     def record_size(self, ino: int) -> None:
         """Write the in-memory size and mtime of an open file to the journal (flush, fsync, close)."""
@@ -464,6 +487,9 @@ class Namespace:
             if state.writers == 0 and state.written:
                 self.record_size(ino)
                 state.written = False
+                if state.hasher is not None and state.hashed == state.size:
+                    self.written_digests[ino] = (state.hasher.hexdigest(), state.hashed)
+                state.hasher = None
                 self.mark_ready(ino)
             elif state.writers == 0 and self.getattr(ino).ready_seq is None:
                 self.mark_ready(ino)
@@ -474,6 +500,11 @@ class Namespace:
     def writers(self, ino: int) -> int:
         state = self.open.get(ino)
         return 0 if state is None else state.writers
+
+    def written_digest(self, ino: int, size: int) -> str | None:
+        """The xxh3-128 of the content, if it was hashed while written and has not changed since."""
+        entry = self.written_digests.get(ino)
+        return entry[0] if entry is not None and entry[1] == size else None
 
     def version(self, ino: int) -> int:
         state = self.open.get(ino)

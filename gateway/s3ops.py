@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 from gateway.config import ConfigError, parse_s3_url, resolve
 from gateway.errors import CliError
-from gateway.store import KEEP_TAG, PRIVATE_DIR, UPLOAD_TAGGING  # noqa: F401  (defined once, in store)
+from gateway.keys import KEEP_TAG, PRIVATE_DIR, UPLOAD_TAGGING  # noqa: F401  (defined once, in keys)
 
 log = logging.getLogger(__name__)
 

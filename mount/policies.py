@@ -44,15 +44,16 @@ class Continuous(SavePolicy):
 
     `min_interval_s` puts a floor on the time between the starts of two saves.
     `max_not_durable` bounds how far the bucket may fall behind: a save starts only while at most
-    that many committed checkpoints are not yet durable (on a ckptfs mount whose endpoint is slower
-    than the local disk, an unbounded backlog would let the newest durable checkpoint age without
-    limit while the drain uploads checkpoints that retention deletes anyway). 1 keeps one
-    checkpoint uploading while the next is written; None removes the bound. On a plain directory
-    every committed checkpoint counts as durable, so the bound never applies.
+    that many committed checkpoints are not yet durable. None (the default) saves as often as the
+    local disk allows; when the endpoint is slower than the local disk the drain then uploads every
+    checkpoint in order and the newest durable one ages (docs/PERFORMANCE.md, "Checkpoint
+    interval"). 1 keeps one checkpoint uploading while the next is written: the bucket stays as
+    fresh as an upload-acknowledged save would keep it. On a plain directory every committed
+    checkpoint counts as durable, so the bound never applies.
     """
 
     min_interval_s: float = 0.0
-    max_not_durable: int | None = 1
+    max_not_durable: int | None = None
 
     def should_save(self, step, now, last_step, last_time, busy):
         if busy:

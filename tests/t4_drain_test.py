@@ -234,3 +234,43 @@ def test_verify_command_detects_a_changed_object(ckptfs_mount):
     m.s3.boto3_client().put_object(Bucket=m.bucket, Key="run/b", Body=b"tampered")
     bad = ckptfs_cli("verify", str(m.path), "b", check=False)
     assert bad.returncode == 1 and "digest mismatch" in bad.stdout
+
+
+def test_recorded_digest_matches_content_for_every_write_pattern(ckptfs_mount):
+    """The digest is taken while a file is written front to back, else by re-reading it: either
+    way the object's ckptfs-xxh3 must be the digest of its bytes."""
+    m = ckptfs_mount
+    block = os.urandom(300_000)
+    write_file(m.path / "sequential", block * 4)
+    m.wait()
+    assert m.status()["digest_passes_total"] == 0, "a file written front to back is hashed on the way"
+    with open(m.path / "backwards", "wb") as f:       # written out of order
+        f.seek(len(block))
+        f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+        f.seek(0)
+        f.write(block[::-1])
+    write_file(m.path / "appended", block)
+    with open(m.path / "appended", "ab") as f:        # reopened: the earlier bytes were not hashed
+        f.write(block)
+    with open(m.path / "truncated", "wb") as f:       # truncated to zero, then written again
+        f.write(block)
+        f.flush()
+        f.truncate(0)
+        f.seek(0)
+        f.write(block[:1000])
+    with open(m.path / "overwritten", "wb") as f:     # an earlier range rewritten
+        f.write(block)
+        f.flush()
+        os.fsync(f.fileno())  # the first write reaches the daemon before the overwrite
+        f.seek(10)
+        f.write(b"xyz")
+    m.wait()
+    assert m.status()["digest_passes_total"] >= 3  # backwards, appended, overwritten were re-read
+    client = m.s3.boto3_client()
+    for name in ("sequential", "backwards", "appended", "truncated", "overwritten"):
+        local = (m.path / name).read_bytes()
+        obj = client.get_object(Bucket=m.bucket, Key=f"run/{name}")
+        assert obj["Body"].read() == local, name
+        assert obj["Metadata"]["ckptfs-xxh3"] == xxhash.xxh3_128_hexdigest(local), name
