@@ -247,6 +247,7 @@ class Drain:
                 self._mark_durable(attr)
                 continue
             if self._held(path, attr.changed_at, now):
+                self._release_old_names(attr)
                 continue
             # A bounded window of files in flight, earliest first; the file whose turn it is always
             # starts, so a full window of later files can never wait on it forever.
@@ -255,6 +256,13 @@ class Drain:
             if self._start(nursery, attr, path, now) and not attr.is_dir:
                 files_active += 1
         self._schedule_deletes(nursery, now)
+
+    def _release_old_names(self, attr: Attr) -> None:
+        """A published file or directory renamed to a temporary name: its objects under the old
+        name go (the name no longer exists). A file's content is re-uploaded from the cache when it
+        gets a final name again, so a file known only from the bucket keeps its object meanwhile."""
+        if attr.is_dir or attr.cached:
+            self.journal.execute("UPDATE objects SET inode=NULL WHERE inode=?", (attr.id,))
 
     def _held(self, path: str, changed_at: float, now: float) -> bool:
         return self.is_held(path) and now - changed_at < self.config.hold_limit_s

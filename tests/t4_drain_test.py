@@ -274,3 +274,24 @@ def test_recorded_digest_matches_content_for_every_write_pattern(ckptfs_mount):
         obj = client.get_object(Bucket=m.bucket, Key=f"run/{name}")
         assert obj["Body"].read() == local, name
         assert obj["Metadata"]["ckptfs-xxh3"] == xxhash.xxh3_128_hexdigest(local), name
+
+
+def test_durable_names_renamed_to_temporary_names_leave_the_bucket(ckptfs_mount):
+    """Found by the model test: a durable directory (and file) renamed to a held name must not
+    stay in the bucket under its old name; renamed back, it is published again."""
+    m = ckptfs_mount
+    (m.path / "a").mkdir()
+    write_file(m.path / "f", b"content")
+    m.wait()
+    assert m.keys() == {"a/": 0, "f": 7}
+    os.rename(m.path / "a", m.path / "d")
+    os.rename(m.path / "d", m.path / "c.tmp")
+    os.rename(m.path / "f", m.path / "f.tmp")
+    m.wait()
+    deadline = time.monotonic() + 30
+    while m.keys() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert m.keys() == {}
+    os.rename(m.path / "f.tmp", m.path / "g")
+    m.wait()
+    assert m.keys() == {"g": 7}
