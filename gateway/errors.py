@@ -16,10 +16,6 @@ class FsError(Exception):
         self.errno = errno_
 
 
-def fs_error(errno_: int, message: str = "") -> FsError:
-    return FsError(errno_, message)
-
-
 class CliError(Exception):
     """A command failed for a reason the user can fix; printed as one line, exit code `code`."""
 

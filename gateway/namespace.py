@@ -12,7 +12,7 @@ import errno
 import logging
 import stat
 import time
-from typing import Callable, Iterator
+from typing import Callable
 
 import xxhash
 
@@ -586,22 +586,6 @@ class Namespace:
         if cur.rowcount == 0:
             self.getattr(ino)
             raise FsError(errno.ENODATA)
-
-    # ---- drain bookkeeping -------------------------------------------------------------
-
-    def pending(self) -> Iterator[Attr]:
-        """Live inodes whose bucket state is not yet what the namespace says."""
-        for row in self.journal.all(
-            f"SELECT {INODE_COLUMNS} FROM inodes WHERE durable=0 AND nlink>0 ORDER BY ready_seq"
-        ):
-            yield Attr(*row)
-
-    def statistics(self) -> dict:
-        files, size = self.journal.one(
-            "SELECT count(*), coalesce(sum(size), 0) FROM inodes WHERE nlink>0 AND (mode & ?) = ?",
-            (stat.S_IFMT(0o170000), stat.S_IFREG),
-        )
-        return {"files": files, "bytes": size}
 
 
 RENAME_NOREPLACE = 1

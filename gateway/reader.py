@@ -55,9 +55,6 @@ class Reader:
         self.fetched_bytes = 0
         self.digest_failures = 0
 
-    def is_local(self, ino: int) -> bool:
-        return bool(self.ns.getattr(ino).cached) and ino not in self.fetches
-
     async def ensure_local(self, ino: int, *, whole: bool = False) -> None:
         """Start fetching an uncached file; with `whole`, wait until all of it is local."""
         attr = self.ns.getattr(ino)
