@@ -38,6 +38,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from tests.trees import local_tree
+
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 HOLD_PATTERNS = ("*.tmp", "*.tmp.*", "*.orbax-checkpoint-tmp*", "*.__lock", "*.partial")  # the defaults
@@ -336,16 +338,7 @@ def is_held(rel: str) -> bool:
 
 def expected_objects(root: Path) -> dict[str, str | None]:
     """What the bucket must hold once drained: non-held files (sha256) and empty non-held dirs (None)."""
-    objects: dict[str, str | None] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel = os.path.relpath(dirpath, root)
-        for name in filenames:
-            key = os.path.normpath(os.path.join(rel, name))
-            if not is_held(key):
-                objects[key] = hashlib.sha256(Path(dirpath, name).read_bytes()).hexdigest()
-        if not dirnames and not filenames and rel != "." and not is_held(rel):
-            objects[rel + "/"] = None
-    return objects
+    return {key: digest for key, digest in local_tree(root).items() if not is_held(key)}
 
 
 @pytest.mark.timeout(420)

@@ -22,6 +22,7 @@ import pytest
 from tests.conftest import ckptfs_cli
 from tests.support.faultproxy import FaultProxy, _Decision
 from tests.support.s3server import free_port
+from tests.trees import local_tree
 
 MiB = 1024 * 1024
 HOLD_SUFFIXES = (".tmp",)
@@ -100,18 +101,6 @@ def write_file(path: Path, data: bytes, fsync: bool = True) -> None:
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
-
-def local_tree(root: Path) -> dict[str, str | None]:
-    """Relative key -> sha256 of the content (files) or None (empty directory markers `dir/`)."""
-    tree: dict[str, str | None] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel = os.path.relpath(dirpath, root)
-        for name in filenames:
-            key = os.path.normpath(os.path.join(rel, name))
-            tree[key] = sha(Path(dirpath, name).read_bytes())
-        if not dirnames and not filenames and rel != ".":
-            tree[rel + "/"] = None
-    return tree
 
 
 def assert_bucket_matches_mount(mount, timeout: float = 60) -> None:
