@@ -67,7 +67,7 @@ class CacheFiles:
 
     def write(self, ino: int, offset: int, data: bytes) -> int:
         fd = self.fd(ino)
-        before = os.fstat(fd).st_blocks if offset + len(data) > 0 else 0
+        before = os.fstat(fd).st_blocks
         written = os.pwrite(fd, data, offset)
         self.used_bytes += (os.fstat(fd).st_blocks - before) * 512
         return written

@@ -67,21 +67,14 @@ class Control:
             return "uploading"
         if attr.ready_seq is None or self.ns.writers(ino) > 0:
             return "dirty"
-        path = self.ns.path_of(ino) or ""
-        if self.drain.is_held(path) and time.time() - attr.changed_at < self.config.hold_limit_s:
+        if self.drain.held(self.ns.path_of(ino) or "", attr.changed_at, time.time()):
             return "held"
         return "queued"
 
     def _subtree_pending(self, ino: int) -> bool:
         if ino != ROOT_INODE and not self.ns.getattr(ino).durable:
             return True
-        row = self.journal.one(
-            "WITH RECURSIVE sub(i) AS (SELECT inode FROM dentries WHERE parent=? "
-            "UNION ALL SELECT d.inode FROM dentries d JOIN sub ON d.parent = sub.i) "
-            "SELECT 1 FROM sub JOIN inodes ON inodes.id = sub.i WHERE inodes.durable = 0 LIMIT 1",
-            (ino,),
-        )
-        return row is not None
+        return self.ns.subtree_has_pending(ino)
 
     def status(self) -> dict:
         """The status object shown by `ckptfs status --json` (and used by `ckptfs wait`)."""

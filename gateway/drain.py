@@ -246,7 +246,7 @@ class Drain:
             if attr.id == ROOT_INODE or path is None:
                 self._mark_durable(attr)
                 continue
-            if self._held(path, attr.changed_at, now):
+            if self.held(path, attr.changed_at, now):
                 self._release_old_names(attr)
                 continue
             # A bounded window of files in flight, earliest first; the file whose turn it is always
@@ -264,7 +264,8 @@ class Drain:
         if attr.is_dir or attr.cached:
             self.journal.execute("UPDATE objects SET inode=NULL WHERE inode=?", (attr.id,))
 
-    def _held(self, path: str, changed_at: float, now: float) -> bool:
+    def held(self, path: str, changed_at: float, now: float) -> bool:
+        """Whether the drain holds this path back now: a temporary name within the hold limit."""
         return self.is_held(path) and now - changed_at < self.config.hold_limit_s
 
     def is_held(self, path: str) -> bool:
@@ -299,7 +300,7 @@ class Drain:
             if stat.S_ISDIR(mode) or self.ns.writers(ino) > 0:
                 continue
             path = self.ns.path_of(ino)
-            if path is None or self._held(path, changed_at, now):
+            if path is None or self.held(path, changed_at, now):
                 continue
             earliest = seq
             break
@@ -343,7 +344,7 @@ class Drain:
             return "uploading"
         if attr.ready_seq is None or self.ns.writers(attr.id) > 0:
             return "dirty"
-        if self._held(path, attr.changed_at, now):
+        if self.held(path, attr.changed_at, now):
             return "held"
         return "queued"
 
@@ -629,14 +630,13 @@ class Drain:
 
     def _finish(self, ino: int, token: tuple[int, int], attr: Attr | None) -> None:
         """Mark durable unless the inode changed meanwhile (then it stays pending)."""
+        if self.ns.version(ino) != token[1]:
+            return
         cur = self.journal.execute(
             "UPDATE inodes SET durable=1 WHERE id=? AND changed_gen=? AND nlink>0", (ino, token[0]))
-        if cur.rowcount and self.ns.version(ino) == token[1]:
-            if attr is not None:
-                self.counters.newest_durable_change_at = max(
-                    self.counters.newest_durable_change_at or 0, attr.changed_at)
-        elif cur.rowcount:
-            self.journal.execute("UPDATE inodes SET durable=0 WHERE id=?", (ino,))
+        if cur.rowcount and attr is not None:
+            self.counters.newest_durable_change_at = max(
+                self.counters.newest_durable_change_at or 0, attr.changed_at)
 
     def _mark_durable(self, attr: Attr) -> None:
         self.journal.execute("UPDATE inodes SET durable=1 WHERE id=?", (attr.id,))

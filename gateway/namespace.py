@@ -22,6 +22,9 @@ from gateway.journal import Journal
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
+# Every inode below the directory given as the parameter (not the directory itself).
+SUBTREE_CTE = ("WITH RECURSIVE sub(i) AS (SELECT inode FROM dentries WHERE parent=? "
+               "UNION ALL SELECT d.inode FROM dentries d JOIN sub ON d.parent = sub.i) ")
 NAME_MAX = 255
 INODE_COLUMNS = (
     "id, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, target, nlink, "
@@ -184,12 +187,14 @@ class Namespace:
 
     def descendants(self, ino: int) -> list[int]:
         """All inodes below directory `ino` (not `ino` itself)."""
-        rows = self.journal.all(
-            "WITH RECURSIVE sub(i) AS (SELECT inode FROM dentries WHERE parent=? "
-            "UNION ALL SELECT d.inode FROM dentries d JOIN sub ON d.parent = sub.i) SELECT i FROM sub",
-            (ino,),
-        )
-        return [r[0] for r in rows]
+        return [r[0] for r in self.journal.all(SUBTREE_CTE + "SELECT i FROM sub", (ino,))]
+
+    def subtree_has_pending(self, ino: int) -> bool:
+        """Whether any inode below directory `ino` is not durable."""
+        row = self.journal.one(
+            SUBTREE_CTE + "SELECT 1 FROM sub JOIN inodes ON inodes.id = sub.i WHERE inodes.durable = 0 LIMIT 1",
+            (ino,))
+        return row is not None
 
     # ---- creating and removing ----------------------------------------------------------
 

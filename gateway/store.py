@@ -224,14 +224,6 @@ class Store:
         except Exception as exc:
             raise classify(exc, f"GET {key}") from exc
 
-    async def get_object(self, key: str) -> bytes:
-        resp = await self._call(f"GET {key}", "get_object", Key=self.full_key(key))
-        try:
-            async with resp["Body"] as body:
-                return await body.read()
-        except Exception as exc:
-            raise classify(exc, f"GET {key}") from exc
-
     async def list_objects(self, prefix: str = "", delimiter: str | None = None) -> AsyncIterator[dict]:
         """Objects (and, with a delimiter, common prefixes as {'Prefix': ...}) under a relative prefix."""
         full = self.full_key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
