@@ -152,3 +152,31 @@ def test_dockerfile_passes_hadolint(tmp_path):
     bad = tmp_path / "Dockerfile"
     bad.write_text((ROOT / "Dockerfile").read_text().replace("WORKDIR /src", "RUN cd /src"))
     assert subprocess.run([exe, "--no-color", str(bad)], capture_output=True, text=True, timeout=60).returncode != 0
+
+
+# -- packaging ----------------------------------------------------------------------------------
+
+
+def test_version_and_command_modules():
+    import importlib
+    import tomllib
+
+    from gateway import cli
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    result = subprocess.run([sys.executable, "-m", "gateway.cli", "--version"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert (result.returncode, result.stdout.strip()) == (0, f"ckptfs {project['project']['version']}")
+    for name in cli.COMMAND_MODULES:  # each one exists and registers a command
+        assert hasattr(importlib.import_module(name), "register"), name
+    commands = cli.build_parser()._subparsers._group_actions[0].choices
+    assert {"mount", "unmount", "status", "wait", "verify", "checkpoints", "promote", "lifecycle"} <= set(commands)
+
+
+def test_pyproject_license_is_an_spdx_string():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "Apache-2.0"  # no deprecated table: no warning on install
+    assert "setuptools>=77" in project["build-system"]["requires"][0]
+    assert any(dep.startswith("rich") for dep in project["project"]["dependencies"])  # progress, catalog
