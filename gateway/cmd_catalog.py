@@ -1,17 +1,21 @@
 """`ckptfs checkpoints TARGET [--json] [--latest-complete]`: the checkpoint catalog (gateway/catalog.py).
 
-TARGET is ``s3://BUCKET[/PREFIX]`` (any machine with credentials) or a path in a ckptfs mount
-(bucket, prefix and endpoint come from the mount's status xattr). A table on a terminal, plain
-lines otherwise, one JSON object with --json. Exit 0; with --latest-complete, 1 if there is none.
+TARGET is ``s3://BUCKET[/PREFIX]`` (any machine with credentials) or a path in a ckptfs mount:
+bucket, prefix and endpoint come from the mount's status xattr or, when no daemon serves the mount
+(stopped, crashed), from the configuration whose `mountpoint` holds the path. A table on a
+terminal, plain lines otherwise, one JSON object with --json. Exit 0; with --latest-complete, 1 if
+there is none.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from gateway import s3ops
+from gateway.config import ConfigError, resolve
 from gateway.cmd_status import human_bytes
 from gateway.errors import CliError
 
@@ -31,11 +35,9 @@ def register(subparsers) -> None:
 
 def checkpoints_command(args: argparse.Namespace) -> int:
     from gateway import catalog
-    from gateway.promote import resolve_target
 
     endpoint, region = s3ops.endpoint_from(args)
-    target = resolve_target(args.target, endpoint, region)
-    result = catalog.build(target)
+    result = catalog.build(catalog_target(args.target, args.config, endpoint, region))
     if args.latest_complete:
         latest = result.latest_complete
         if latest is None:
@@ -51,6 +53,29 @@ def checkpoints_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def catalog_target(path: str, config_path: str | None, endpoint: str | None, region: str | None):
+    """The Target of an s3:// URL or a mount path (status xattr first, then the configuration)."""
+    from gateway.promote import Target, resolve_target
+
+    try:
+        return resolve_target(path, endpoint, region)
+    except CliError as exc:
+        if path.startswith("s3://"):
+            raise
+        try:
+            config = resolve({}, config_path)
+        except ConfigError:
+            raise exc from None
+        root, wanted = os.path.abspath(config.mountpoint or "/nonexistent"), os.path.abspath(path)
+        if not config.bucket or os.path.commonpath([root, wanted]) != root:
+            raise exc from None
+        rel = os.path.relpath(wanted, root)
+        prefix = config.prefix.strip("/")
+        key = "/".join(p for p in (prefix, "" if rel == "." else rel) if p)
+        return Target(config.bucket, key, endpoint or config.endpoint_url, region or config.region,
+                      mountpoint=root, prefix=prefix)
+
+
 def age(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -60,8 +85,12 @@ def age(seconds: float | None) -> str:
     return f"{seconds:.0f}s"
 
 
-def _row(c) -> list[str]:
-    return [c.path, "-" if c.step is None else str(c.step), c.framework + (f"/{c.format}" if c.format else ""),
+def _row(c, base: str | None = None) -> list[str]:
+    """A table row; with `base`, the path relative to it (the table's title names it)."""
+    shown = c.path
+    if base and c.path.startswith(base.rstrip("/") + "/"):
+        shown = c.path[len(base.rstrip("/")) + 1:]
+    return [shown, "-" if c.step is None else str(c.step), c.framework + (f"/{c.format}" if c.format else ""),
             "yes" if c.complete else "NO", "yes" if c.durable else "no", human_bytes(c.size_bytes), str(c.files),
             age(c.age_s), c.storage_class,
             "yes" if c.promoted else (f"{c.promoted_files}/{c.files}" if c.promoted_files else "no")]
@@ -94,12 +123,12 @@ def print_table(result) -> None:
     if not result.checkpoints:
         console.print(f"no checkpoints under {result.source}")
         return
-    table = Table(title=f"checkpoints under {result.source}", title_justify="left")
+    table = Table(title=f"checkpoints under {escape(result.source)}", title_justify="left")
     for h in HEADERS:
         table.add_column(h, justify="right" if h in ("step", "size", "files", "age") else "left",
                          overflow="fold")
     for c in result.checkpoints:
-        row = _row(c)
+        row = _row(c, result.source)
         style = None if c.complete else "red"
         if c.missing:
             row[0] += "\n" + "\n".join(f"  missing: {m}" for m in c.missing)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 
 import pytest
 
 from gateway import catalog, markers
 from tests.conftest import ckptfs_cli
+from tests.support.terminal import run_on_pty
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -143,6 +145,12 @@ def test_catalog_of_a_real_mount(make_mount, s3_server, bucket):
     text = ckptfs_cli("checkpoints", str(mount.path)).stdout
     assert "missing: state.pt: missing" in text and f"latest complete: {mount.path}/orbax/20" in text
     assert len([line for line in text.splitlines() if line.startswith(str(mount.path))]) == len(cps)
+    # a table on a terminal
+    rc, drawn = run_on_pty("checkpoints", str(mount.path / "shim"))
+    drawn = re.sub(r"\x1b\[[0-9;]*m", "", drawn)
+    assert rc == 0 and "┃ checkpoint" in drawn and "missing: state.pt: missing" in drawn, drawn
+    assert re.search(r"│ step_1 +│ +1 │ shim/torch │ yes ", drawn), drawn
+    assert drawn.split("latest complete:")[1].strip() == f"{mount.path}/shim/step_1"
 
 
 @pytest.mark.skipif(not _fuse_usable(), reason="FUSE is not available")
@@ -157,6 +165,24 @@ def test_latest_complete_fails_cleanly_without_one(make_mount, s3_server, bucket
     result = ckptfs_cli("checkpoints", f"s3://{bucket}-missing/x", "--endpoint-url", s3_server.endpoint_url,
                         check=False)
     assert result.returncode == 3 and "NoSuchBucket" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.skipif(not _fuse_usable(), reason="FUSE is not available")
+def test_catalog_of_a_stopped_mount_comes_from_the_config(make_mount, s3_server, bucket, tmp_path):
+    """No daemon serves the path any more: bucket, prefix and endpoint come from the configuration."""
+    import torch
+
+    mount = make_mount(prefix="cfg")
+    torch.save({"w": torch.ones(8)}, mount.path / "final.pt")
+    mount.unmount()
+    config = tmp_path / "ckptfs.toml"
+    config.write_text(f'[bucket]\nbucket = "{bucket}"\nprefix = "cfg"\nendpoint_url = "{s3_server.endpoint_url}"\n'
+                      f'[filesystem]\nmountpoint = "{mount.path}"\n')
+    out = json.loads(ckptfs_cli("checkpoints", str(mount.path), "--config", str(config), "--json").stdout)
+    assert [(c["path"], c["framework"], c["complete"]) for c in out["checkpoints"]] == \
+        [(f"{mount.path}/final.pt", "torch", True)]
+    elsewhere = ckptfs_cli("checkpoints", str(tmp_path), "--config", str(config), check=False)
+    assert elsewhere.returncode == 2 and "not inside a ckptfs mount" in elsewhere.stderr
 
 
 # -- markers and grouping, without a mount ------------------------------------------------------

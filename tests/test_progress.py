@@ -8,19 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import pty
-import select
 import shutil
-import subprocess
-import sys
-import time
 
 import pytest
 
 from gateway import progress
 from gateway.control import DRAIN_STATUS_FILE
-from tests.conftest import REPO, ckptfs_cli
+from tests.conftest import ckptfs_cli
 from tests.support import FaultProxy
+from tests.support.terminal import run_on_pty
 
 pytestmark = [pytest.mark.timeout(300),
               pytest.mark.skipif(not (os.path.exists("/dev/fuse") and shutil.which("fusermount3")),
@@ -35,38 +31,6 @@ def slow_mount(make_mount, s3_server):
         proxy.set_bandwidth(1 * MiB)
         yield mount
         proxy.set_bandwidth(None)
-
-
-def run_on_pty(*args: str, timeout: float = 120, on_poll=None) -> tuple[int, str]:
-    """Run the real CLI with stdin/stdout/stderr on a pseudo-terminal; (exit code, what it drew)."""
-    master, slave = pty.openpty()
-    env = dict(os.environ, TERM="xterm-256color", COLUMNS="160", LINES="40")
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", *args], cwd=REPO, stdin=slave,
-                            stdout=slave, stderr=slave, env=env, close_fds=True)
-    os.close(slave)
-    out = bytearray()
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            if on_poll is not None:
-                on_poll()
-            ready, _, _ = select.select([master], [], [], 0.05)
-            if ready:
-                try:
-                    chunk = os.read(master, 65536)
-                except OSError:  # EIO: the child closed the terminal
-                    break
-                if not chunk:
-                    break
-                out += chunk
-            elif proc.poll() is not None:
-                break
-        rc = proc.wait(timeout=max(1, deadline - time.monotonic()))
-    finally:
-        os.close(master)
-        if proc.poll() is None:
-            proc.kill()
-    return rc, out.decode(errors="replace")
 
 
 def test_wait_is_quiet_off_a_terminal_and_keeps_its_exit_codes(slow_mount):
