@@ -166,44 +166,59 @@ def list_tree(s3: Any, bucket: str, key: str) -> dict[str, Obj]:
 
 def find_checkpoints(objects: dict[str, Obj], base_name: str = "") -> list[_Candidate]:
     """Group the listing into checkpoints (see the module docstring for the rules)."""
-    children: dict[str, list[str]] = {}  # directory -> names of the files directly in it
+    children = _files_by_directory(objects)
+    dirs = sorted(children, key=lambda d: (d.count("/") + bool(d), d))  # top-down
+    claimed: dict[str, tuple[str, str | None]] = {}  # directory -> (framework, marker)
+
+    def owner(rel: str) -> str | None:
+        """The claimed directory that is `rel` or holds it."""
+        while rel not in claimed:
+            if not rel:
+                return None
+            rel = posixpath.dirname(rel)
+        return rel
+
+    for rel in dirs:  # pass 1: directories with a marker
+        framework, marker = _marker_of(children[rel])
+        if framework and owner(rel) is None:
+            claimed[rel] = (framework, marker)
+    holding = {a for c in claimed for a in _ancestors(c)}
+    for rel in dirs:  # pass 2: step-named or DCP-data directories without a marker
+        names = children[rel]
+        if not names or rel in holding or owner(rel) is not None:
+            continue
+        if any(fnmatch.fnmatch(n, "__*_*.distcp") for n in names):
+            claimed[rel] = ("dcp", None)
+        elif STEP_NAME.match(posixpath.basename(rel) or base_name):
+            shim = any(fnmatch.fnmatch(n, p) for n in names for p in SHIM_DATA)
+            claimed[rel] = ("shim" if shim else "unknown", None)
+    members: dict[str, dict[str, Obj]] = {rel: {} for rel in claimed}
+    files = []
+    for rel, obj in sorted(objects.items()):  # pass 3: torch files renamed into place
+        home = owner(posixpath.dirname(rel))
+        if home is not None:
+            members[home][rel] = obj
+        elif rel.endswith(TORCH_SUFFIXES):
+            files.append(_Candidate(rel, "file", "torch", None, {rel: obj}))
+    dirs_found = [_Candidate(rel, "directory", fw, marker, members[rel]) for rel, (fw, marker) in claimed.items()]
+    return dirs_found + files
+
+
+def _files_by_directory(objects: dict[str, Obj]) -> dict[str, list[str]]:
+    """Every directory of the listing ("" = the base) -> the names of the files directly in it."""
+    children: dict[str, list[str]] = {}
     for rel in objects:
         parent, name = posixpath.split(rel)
         children.setdefault(parent, []).append(name)
-        while parent:
-            parent = posixpath.dirname(parent)
-            children.setdefault(parent, [])
-    claimed: list[str] = []
-    found: list[_Candidate] = []
+        for above in _ancestors(parent):
+            children.setdefault(above, [])
+    return children
 
-    def inside(rel: str) -> bool:
-        return any(rel == c or rel.startswith(c + "/") or c == "" for c in claimed)
 
-    def claim(rel: str, framework: str, marker: str | None) -> None:
-        below = {r: o for r, o in objects.items() if rel == "" or r.startswith(rel + "/")}
-        claimed.append(rel)
-        found.append(_Candidate(rel, "directory", framework, marker, below))
-
-    dirs = sorted(children, key=lambda d: (d.count("/") + bool(d), d))
-    for rel in dirs:  # pass 1: directories with a marker
-        if not inside(rel):
-            framework, marker = _marker_of(children[rel])
-            if framework:
-                claim(rel, framework, marker)
-    for rel in dirs:  # pass 2: step-named or DCP-data directories without a marker
-        if inside(rel) or any(c.startswith(rel + "/") or rel == "" for c in claimed):
-            continue
-        names = children[rel]
-        name = posixpath.basename(rel) or base_name
-        if any(fnmatch.fnmatch(n, "__*_*.distcp") for n in names):
-            claim(rel, "dcp", None)
-        elif names and STEP_NAME.match(name):
-            shim = any(fnmatch.fnmatch(n, p) for n in names for p in SHIM_DATA)
-            claim(rel, "shim" if shim else "unknown", None)
-    for rel, obj in sorted(objects.items()):  # pass 3: torch files renamed into place
-        if rel.endswith(TORCH_SUFFIXES) and not inside(posixpath.dirname(rel)):
-            found.append(_Candidate(rel, "file", "torch", None, {rel: obj}))
-    return found
+def _ancestors(rel: str):
+    while rel:
+        rel = posixpath.dirname(rel)
+        yield rel
 
 
 def _marker_of(names: list[str]) -> tuple[str | None, str | None]:

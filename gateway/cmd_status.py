@@ -94,6 +94,7 @@ def format_status(s: dict) -> str:
         ("stale objects to delete", s["stale_objects"]),
         ("oldest pending", age(s["oldest_pending_age_s"])),
         ("newest durable change", age(s["newest_durable_age_s"])),
+        ("newest durable checkpoint", age(s.get("newest_durable_checkpoint_age_s"))),
         ("drain rate (10 s)", human_bytes(s["drain_rate_bps"]) + "/s"),
         ("uploaded", f"{human_bytes(s['uploaded_bytes_total'])} in {s['uploaded_files_total']} files"),
         ("retries / errors", f"{s['retries_total']} / {s['errors_total']}"),
