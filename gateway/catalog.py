@@ -13,7 +13,8 @@ A *checkpoint* is found by its framework's marker, top-down (a checkpoint's subt
 | torch     | a ``*.pt``/``*.pth`` file outside those    | the object is there (renamed into place: atomic)    |
 
 A step-named directory (``step_12``, ``12``, ``checkpoint-12``) or one with DCP data files but no
-marker is listed as an incomplete checkpoint whose marker is missing. Every object of a checkpoint
+marker is listed as an incomplete checkpoint whose marker is missing; one under a temporary name
+(``*.orbax-checkpoint-tmp*``, uploaded after the hold limit) is incomplete too. Every object of a checkpoint
 must also have the size its ``ckptfs-size`` metadata records. The newest complete checkpoint
 (highest step, then newest upload) is what `--latest-complete` prints; for a directory of shim
 checkpoints that is the step ContinuousCheckpointer.restore() loads.
@@ -30,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from gateway import markers, s3ops
+from gateway.config import DEFAULT_HOLD_PATTERNS
 from gateway.promote import Target, get_keep, read_state
 from gateway.store import METADATA_DIGEST, METADATA_SIZE
 
@@ -246,6 +248,9 @@ def inspect(target: Target, cand: _Candidate, heads: dict[str, dict], keeps: dic
     if cand.kind == "directory":
         info = _read_marker(cand, marker_data, missing, notes)
         _check_expected(cand, info, heads, missing)
+    temporary = [p for p in cand.rel.split("/") if any(fnmatch.fnmatch(p, t) for t in DEFAULT_HOLD_PATTERNS)]
+    if temporary:  # uploaded after the hold limit, never renamed into place
+        missing.append(f"{temporary[0]}: a temporary name (the save was never renamed into place)")
     for rel, obj in sorted(cand.objects.items()):
         recorded = heads[rel].get(METADATA_SIZE)
         if recorded is not None and recorded.isdigit() and int(recorded) != obj.size:

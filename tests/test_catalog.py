@@ -181,6 +181,10 @@ def test_catalog_of_a_stopped_mount_comes_from_the_config(make_mount, s3_server,
     out = json.loads(ckptfs_cli("checkpoints", str(mount.path), "--config", str(config), "--json").stdout)
     assert [(c["path"], c["framework"], c["complete"]) for c in out["checkpoints"]] == \
         [(f"{mount.path}/final.pt", "torch", True)]
+    env = dict(os.environ, AWS_ENDPOINT_URL=s3_server.endpoint_url)  # credentials and endpoint, nothing else
+    env.pop("CKPTFS_ENDPOINT_URL", None)
+    out = json.loads(ckptfs_cli("checkpoints", f"s3://{bucket}/cfg", "--json", env=env).stdout)
+    assert [c["path"] for c in out["checkpoints"]] == [f"s3://{bucket}/cfg/final.pt"]
     elsewhere = ckptfs_cli("checkpoints", str(tmp_path), "--config", str(config), check=False)
     assert elsewhere.returncode == 2 and "not inside a ckptfs mount" in elsewhere.stderr
 
@@ -230,6 +234,29 @@ def test_grouping_claims_subtrees_and_step_dirs():
     assert (found["a/step_3"].framework, found["a/step_3"].marker) == ("shim", None)
     assert found["final.pt"].kind == "file" and found["dcp/x"].framework == "dcp"
     assert len(found["a/step_2"].objects) == 3  # extra.pt belongs to the checkpoint, not a torch file
+
+
+def test_inspect_checks_against_the_marker_without_s3():
+    obj = lambda rel, size=10: catalog.Obj(rel, size, 100.0, "STANDARD")  # noqa: E731
+    commit = json.dumps({"step": 3, "files": [{"name": "a.pt", "size": 10, "xxh3_128": "d1"},
+                                              {"name": "b.pt", "size": 10, "xxh3_128": "d2"}]}).encode()
+    target = catalog.Target("bkt", "run", None)
+    cand = catalog._Candidate("step_3", "directory", "shim", "COMMIT",
+                              {"step_3/COMMIT": obj("step_3/COMMIT"), "step_3/a.pt": obj("step_3/a.pt"),
+                               "step_3/b.pt": obj("step_3/b.pt")})
+    heads = {"step_3/COMMIT": {}, "step_3/a.pt": {"ckptfs-xxh3": "d1", "ckptfs-size": "10"},
+             "step_3/b.pt": {"ckptfs-xxh3": "d2", "ckptfs-size": "12"}}
+    cp = catalog.inspect(target, cand, heads, {"step_3/a.pt": "true"}, commit, now=160.0)
+    assert (cp.path, cp.step, cp.files, cp.size_bytes, cp.age_s) == ("s3://bkt/run/step_3", 3, 3, 30, 60.0)
+    assert cp.missing == ["b.pt: 10 bytes in the bucket, 12 uploaded"] and not cp.complete and not cp.durable
+    assert (cp.promoted, cp.promoted_files) == (False, 1)
+    heads["step_3/b.pt"]["ckptfs-size"] = "10"
+    assert catalog.inspect(target, cand, heads, {}, commit, now=160.0).complete
+    tmp = catalog._Candidate("7.orbax-checkpoint-tmp-12", "directory", "orbax", "_CHECKPOINT_METADATA",
+                             {"7.orbax-checkpoint-tmp-12/_CHECKPOINT_METADATA": obj("x"),
+                              "7.orbax-checkpoint-tmp-12/commit_success.txt": obj("y")})
+    cp = catalog.inspect(target, tmp, {k: {} for k in tmp.objects}, {}, b'{"item_handlers": {}}', now=0)
+    assert cp.missing == ["7.orbax-checkpoint-tmp-12: a temporary name (the save was never renamed into place)"]
 
 
 def _cp(step, complete, uploaded):
