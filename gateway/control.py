@@ -24,9 +24,6 @@ from gateway.errors import FsError
 from gateway.namespace import ROOT_INODE
 
 DRAIN_STATUS_FILE = "drain-status.json"
-# Completion markers (gateway/markers.py): a checkpoint is durable once its marker is.
-CHECKPOINT_MARKERS = (b"COMMIT", b".metadata", b"commit_success.txt", b"_CHECKPOINT_METADATA")
-MARKER_QUERY_EVERY_S = 2.0
 
 
 class Control:
@@ -40,7 +37,6 @@ class Control:
         self.ops = None  # gateway.fs.Operations, for op counters
         self.backpressure = None  # gateway.space.SpaceGuard when a cache size is enforced
         self.reader = None  # gateway.reader.Reader: bytes fetched from the bucket
-        self._newest_marker: tuple[float, float | None] = (-MARKER_QUERY_EVERY_S, None)  # (asked at, answer)
 
     async def commit_durable(self) -> None:
         """Make every journal commit so far survive power loss (fsync, fsyncdir)."""
@@ -106,7 +102,6 @@ class Control:
             "oldest_pending_age_s": None if view.oldest_pending_at is None else round(now - view.oldest_pending_at, 3),
             "newest_durable_age_s": None if counters.newest_durable_change_at is None
             else round(now - counters.newest_durable_change_at, 3),
-            "newest_durable_checkpoint_age_s": round(now - max(self.started_at, self._newest_durable_marker() or 0), 3),
             "drain_rate_bps": round(self.drain.drain_rate_bps()),
             "uploaded_bytes_total": counters.uploaded_bytes,
             "uploaded_files_total": counters.uploaded_files,
@@ -119,8 +114,8 @@ class Control:
             "last_error_age_s": None if counters.last_error_at is None else round(now - counters.last_error_at, 3),
             "generation": self.ns.gen,
             "durable_through_generation": view.durable_through_gen,
-            "newest_durable_checkpoint_age_s": None if counters.newest_durable_scope_at is None
-            else round(now - counters.newest_durable_scope_at, 3),
+            # since a commit scope (a checkpoint) last became durable; since the mount if none has
+            "newest_durable_checkpoint_age_s": round(now - (counters.newest_durable_scope_at or self.started_at), 3),
             "commit_waits": self.drain.commit_waits(),
         }
         if self.backpressure is not None:
@@ -146,17 +141,6 @@ class Control:
                     os.unlink(name)
                 except OSError:
                     pass
-
-    def _newest_durable_marker(self) -> float | None:
-        """Change time of the newest durable checkpoint marker (asked of the journal every 2 s at most)."""
-        asked, answer = self._newest_marker
-        if time.monotonic() - asked >= MARKER_QUERY_EVERY_S:
-            marks = ",".join("?" * len(CHECKPOINT_MARKERS))
-            answer = self.journal.one(
-                f"SELECT max(i.changed_at) FROM dentries d JOIN inodes i ON i.id = d.inode "
-                f"WHERE d.name IN ({marks}) AND i.durable = 1 AND i.nlink > 0", CHECKPOINT_MARKERS)[0]
-            self._newest_marker = (time.monotonic(), answer)
-        return answer
 
     def _durable_files(self) -> int:
         return self.journal.one("SELECT count(*) FROM inodes WHERE durable=1 AND nlink>0 AND (mode & 61440) = 32768")[0]

@@ -41,8 +41,7 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "newest_durable_age_s": ("ckptfs_newest_durable_age_seconds", "gauge",
                              "Age of the newest write that is durable in the bucket"),
     "newest_durable_checkpoint_age_s": ("ckptfs_newest_durable_checkpoint_age_seconds", "gauge",
-                                        "Seconds since the newest durable checkpoint marker was committed "
-                                        "(counted from the mount at most)"),
+                                        "Seconds since a checkpoint last became durable (since the mount if none has)"),
     "backpressure_seconds_total": ("ckptfs_backpressure_seconds", "counter", "Time writers were blocked on a full cache"),
     "cache_used_bytes": ("ckptfs_cache_used_bytes", "gauge", "Bytes used in the local cache"),
     "evictions_total": ("ckptfs_evictions", "counter", "Clean files evicted from the cache"),
