@@ -206,7 +206,7 @@ class SideBySide(RuleBasedStateMachine):
     @rule(draw=st.data())
     def link(self, draw):
         src = self.pick(draw, "src", ("existing", "existing", "existing", "random"))
-        dst = self.pick(draw, "dst")
+        dst = self.pick(draw, "dst", ("new", "new", "existing", "random"))
         if self.both(f"link({src!r}, {dst!r})", lambda root: os.link(root / src, root / dst))[0] == "ok":
             self.linked = True
             Context.linked_examples.add(self.roots[0].name)
