@@ -28,7 +28,7 @@ SUBTREE_CTE = ("WITH RECURSIVE sub(i) AS (SELECT inode FROM dentries WHERE paren
 NAME_MAX = 255
 # File types that live only in this mount: never uploaded, always durable (docs/SEMANTICS.md).
 LOCAL_ONLY_TYPES = (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK)
-LOCAL_ONLY_SQL = "(mode & 61440) IN (%s)" % ", ".join(str(t) for t in LOCAL_ONLY_TYPES)
+LOCAL_ONLY_SQL = f"(mode & 61440) IN ({', '.join(str(t) for t in LOCAL_ONLY_TYPES)})"
 INODE_COLUMNS = (
     "id, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, target, nlink, "
     "content_dirty, durable, ready_seq, changed_gen, changed_at, digest, cached"
@@ -438,7 +438,7 @@ class Namespace:
 
     def _exchange(self, p1: int, n1: bytes, i1: int, p2: int, n2: bytes, i2: int) -> None:
         if i1 == i2:
-            return None  # two hard links of one file: nothing changes
+            return  # two hard links of one file: nothing changes
         a1, a2 = self.getattr(i1), self.getattr(i2)
         if (a1.is_dir and (p2 == i1 or p2 in self.descendants(i1))) or (
             a2.is_dir and (p1 == i2 or p1 in self.descendants(i2))

@@ -24,6 +24,7 @@ import os
 import stat
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from hypothesis import HealthCheck, Phase, settings
@@ -109,7 +110,7 @@ class Context:
     counter = itertools.count()
     bucket_keys = None  # () -> {relative key: size}
     get_object = None   # (relative key) -> bytes
-    linked_examples: set[str] = set()  # example directories that made a hard link
+    linked_examples: ClassVar[set[str]] = set()  # example directories that made a hard link
 
 
 def wait_drained(mount_root: Path, timeout: float = 30) -> None:

@@ -278,7 +278,8 @@ def bucket_keys_below(mount: Mount, d: Path, expected: set[str], timeout: float 
     rel = d.relative_to(mount.path).as_posix() + "/"
     deadline = time.monotonic() + timeout
     while True:
-        keys = {k[len(rel):] for k in mount.keys() if k.startswith(rel)}
+        listed = mount.keys()
+        keys = {k[len(rel):] for k in listed if k.startswith(rel)}
         if keys == expected or time.monotonic() > deadline:
             return keys
         time.sleep(0.1)

@@ -44,7 +44,8 @@ def run_pjdfstest(suite: Path, target: Path, log_dir: Path) -> tuple[int, int, s
     env = dict(os.environ, PJDFSTEST_LOG_DIR=str(log_dir), PJDFSTEST_FILE_TIMEOUT=str(FILE_TIMEOUT_S),
                PJDFSTEST_TOTAL_TIMEOUT=str(PJDFSTEST_TOTAL_TIMEOUT_S))
     result = subprocess.run([str(CONFORMANCE / "pjdfstest.sh"), str(suite), str(target), *CORE_GROUPS],
-                            capture_output=True, text=True, env=env, timeout=PJDFSTEST_TOTAL_TIMEOUT_S + 60)
+                            capture_output=True, text=True, env=env, timeout=PJDFSTEST_TOTAL_TIMEOUT_S + 60,
+                            check=False)  # exit 1 when anything failed: the rate decides
     summary = SUMMARY.findall(result.stdout)
     assert summary, f"pjdfstest.sh gave no summary (rc {result.returncode}): {result.stderr[-2000:]}"
     passed, failed = map(int, summary[-1])
@@ -53,8 +54,14 @@ def run_pjdfstest(suite: Path, target: Path, log_dir: Path) -> tuple[int, int, s
 
 def failure_causes(log_dir: Path) -> str:
     result = subprocess.run([sys.executable, str(CONFORMANCE / "pjdfstest_failures.py"),
-                             str(log_dir / "failures.txt")], capture_output=True, text=True, timeout=60)
+                             str(log_dir / "failures.txt")], capture_output=True, text=True, timeout=60, check=False)
     return result.stdout
+
+
+def suite_keys(m) -> list[str]:
+    """Keys in the bucket under the suite's work directory (pjdfstest.sh removes it at the end)."""
+    listed = m.keys()
+    return [k for k in listed if k.startswith("pjdfstest-run")]
 
 
 @pytest.mark.timeout(PJDFSTEST_TOTAL_TIMEOUT_S + 200)
@@ -76,9 +83,9 @@ def test_pjdfstest_core_groups(make_mount, tmp_path, capsys):
     # nothing of the suite's work directory (removed at its end).
     m.wait(timeout=120)
     deadline = time.monotonic() + 60
-    while [k for k in m.keys() if k.startswith("pjdfstest-run")] and time.monotonic() < deadline:
+    while suite_keys(m) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert [k for k in m.keys() if k.startswith("pjdfstest-run")] == []
+    assert suite_keys(m) == []
     assert m.status()["pending_files"] == 0
     log = (m.cache_dir / "ckptfs.log").read_text()
     assert "Traceback" not in log, log[-4000:]
