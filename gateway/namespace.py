@@ -108,10 +108,13 @@ class Namespace:
         self.journal = journal
         self.on_purge = on_purge
         self.on_change: Callable[[], None] = lambda: None
+        self.on_removed: Callable[[int], None] = lambda ino: None  # a name was removed: cancel its uploads
         self.lookups: dict[int, int] = {}
         self.open: dict[int, OpenState] = {}
-        # inode -> its names (parent, name), oldest first; the first is the canonical one (path_of)
+        # inode -> its names (parent, name), oldest first; the first is the canonical one (path_of),
+        # also kept in entry_of: inode -> canonical (parent, name)
         self.names_of: dict[int, list[tuple[int, bytes]]] = {}
+        self.entry_of: dict[int, tuple[int, bytes]] = {}
         self.written_digests: dict[int, tuple[str, int]] = {}  # inode -> (xxh3, size) hashed while written
         self.owner = (uid, gid)
         self._ensure_root(uid, gid)
@@ -140,6 +143,8 @@ class Namespace:
     def _load_tree(self) -> None:
         for parent, name, inode in self.journal.all("SELECT parent, name, inode FROM dentries ORDER BY id"):
             self.names_of.setdefault(inode, []).append((parent, bytes(name)))
+        for inode in self.names_of:
+            self._names_changed(inode)
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -275,6 +280,7 @@ class Namespace:
                 self._add_subdirs(parent, 1)
             self._touch_dir(parent, t, gen)
         self.names_of[ino] = [(parent, name)]
+        self._names_changed(ino)
         self.on_change()
         return self.getattr(ino)
 
@@ -295,6 +301,7 @@ class Namespace:
             self._touch_dir(new_parent, t, gen)
             self._mark_moved(ino, gen)  # the new name needs its object
         self.names_of.setdefault(ino, []).append((new_parent, new_name))
+        self._names_changed(ino)
         self.on_change()
         return self.getattr(ino)
 
@@ -353,24 +360,35 @@ class Namespace:
             self.journal.execute(
                 "UPDATE inodes SET nlink=0, ctime_ns=?, durable=1, ready_seq=NULL WHERE id=?", (t, attr.id)
             )
-            self.journal.execute("UPDATE objects SET inode=NULL WHERE inode=?", (attr.id,))
+            self.journal.execute("UPDATE objects SET inode=NULL, stale_gen=? WHERE inode=?", (gen, attr.id))
             if attr.is_dir:
                 self._add_subdirs(parent, -1)
             return
         self.journal.execute("UPDATE inodes SET nlink=nlink-1, ctime_ns=? WHERE id=?", (t, attr.id))
         key = self.path_of_name(parent, name)
-        self.journal.execute("UPDATE objects SET inode=NULL WHERE key=? AND inode=?", (key, attr.id))
+        self.journal.execute("UPDATE objects SET inode=NULL, stale_gen=? WHERE key=? AND inode=?", (gen, key, attr.id))
         if (parent, name) == self.names_of.get(attr.id, [None])[0]:
             self._mark_moved(attr.id, gen)  # a new canonical name: let the drain look at the others
 
     def _forget_name(self, ino: int, parent: int, name: bytes) -> None:
-        """After the commit: `ino` no longer has the name; purge it if that was its last one."""
+        """After the commit: `ino` no longer has the name; if that was its last one, its uploads stop and
+        it is purged once closed and forgotten."""
         names = self.names_of.get(ino, [])
         if (parent, name) in names:
             names.remove((parent, name))
+        self._names_changed(ino)
         if not names:
-            self.names_of.pop(ino, None)
+            self.on_removed(ino)
             self._maybe_purge(ino)
+
+    def _names_changed(self, ino: int) -> None:
+        """Keep `entry_of` (the canonical name of each inode) in step with `names_of`."""
+        names = self.names_of.get(ino)
+        if names:
+            self.entry_of[ino] = names[0]
+        else:
+            self.names_of.pop(ino, None)
+            self.entry_of.pop(ino, None)
 
     def _add_subdirs(self, ino: int, delta: int) -> None:
         """A directory's link count is 2 plus its subdirectories."""
@@ -415,6 +433,7 @@ class Namespace:
             self._touch_dir(new_parent, t, gen)
             self._rename_name(ino, (old_parent, old_name), (new_parent, new_name))
             self._mark_moved(ino, gen)
+            self.journal.execute("INSERT OR REPLACE INTO scopes VALUES (?, ?)", (ino, self._next_seq()))
         if target is not None:
             self._forget_name(target, new_parent, new_name)
         self.on_change()
@@ -427,6 +446,7 @@ class Namespace:
             names[names.index(old)] = new
         else:
             names.append(new)
+        self._names_changed(ino)
 
     def _check_replace(self, moving: Attr, target: Attr) -> None:
         if moving.is_dir and not target.is_dir:
@@ -643,6 +663,7 @@ class Namespace:
         with self.journal.transaction():
             self.journal.execute("DELETE FROM inodes WHERE id=?", (ino,))
             self.journal.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
+            self.journal.execute("DELETE FROM scopes WHERE root=?", (ino,))
         self.on_purge(ino)
 
     def purge_unlinked(self) -> list[int]:
@@ -680,6 +701,7 @@ class Namespace:
                     "INSERT OR REPLACE INTO objects (key, inode, size, digest, etag) VALUES (?, ?, ?, NULL, ?)",
                     (key, ino, size, etag))
         self.names_of[ino] = [(parent, name)]
+        self._names_changed(ino)
         return ino
 
     def set_cached(self, ino: int, cached: bool) -> None:
