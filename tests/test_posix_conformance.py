@@ -21,8 +21,8 @@ CONFORMANCE = Path(__file__).resolve().parent / "conformance"
 PJDFSTEST_DIR = Path(os.environ.get("CKPTFS_PJDFSTEST_DIR", "/var/tmp/pjdfstest"))
 CORE_GROUPS = ("open", "rename", "unlink", "mkdir", "rmdir", "truncate", "ftruncate", "symlink", "utimensat")
 GOAL = 0.99                    # issue 14: at least 99 % of the core groups' assertions
-FILE_TIMEOUT_S = 60            # one .t file; the slowest (rename/00.t) takes about 10 s
-PJDFSTEST_TOTAL_TIMEOUT_S = 220  # all core groups take about 100 s on 2 idle cores, 140 s on a busy machine
+FILE_TIMEOUT_S = 90              # one .t file; the slowest (rename/09.t, 2,353 assertions) takes about 30 s
+PJDFSTEST_TOTAL_TIMEOUT_S = 300  # all core groups: 170-210 s on this machine shared at load 9-15 (docs/PERFORMANCE.md)
 SUMMARY = re.compile(r"^(\d+) passed, (\d+) failed$", re.MULTILINE)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="pjdfstest switches uids: run as root (make test)")
