@@ -285,16 +285,23 @@ def bucket_keys_below(mount: Mount, d: Path, expected: set[str], timeout: float 
         time.sleep(0.1)
 
 
-@pytest.mark.xfail(strict=True, reason="the drain publishes a hard-linked file under its canonical name only: "
-                   "it must upload or copy it to every name (Namespace.paths_of)")
 def test_every_hard_link_is_an_object(mount, d):
     (d / "f").write_bytes(b"linked")
     os.link(d / "f", d / "g")
     mount.wait(timeout=60)
     assert bucket_keys_below(mount, d, {"f", "g"}) == {"f", "g"}
+    assert object_bytes(mount, d / "g") == b"linked"
+    (d / "g").write_bytes(b"rewritten through the second name")  # both names hold the new content
+    mount.wait(timeout=60)
+    assert object_bytes(mount, d / "f") == object_bytes(mount, d / "g") == b"rewritten through the second name"
     os.unlink(d / "f")
     mount.wait(timeout=60)
     assert bucket_keys_below(mount, d, {"g"}) == {"g"}
+
+
+def object_bytes(mount: Mount, path: Path) -> bytes:
+    key = f"{mount.prefix}/{path.relative_to(mount.path).as_posix()}"
+    return mount.s3.boto3_client().get_object(Bucket=mount.bucket, Key=key)["Body"].read()
 
 
 def test_fifos_sockets_and_devices_are_never_uploaded(mount, d):
