@@ -26,6 +26,7 @@ object) and the number of complete checkpoints and of step prefixes with any obj
   saves             checkpoints completed in the window (ckptfs/fixed: locally committed; upload: uploaded)
   P50 interval      steps between the starts of consecutive saves
   node loss         mean over the samples of current step - newest step complete in the bucket
+                    (and in seconds: sample time - when that step was trained)
   restart loss      mean of current step - newest locally committed step (upload: nothing local, = node loss)
   bucket end        complete checkpoints (step prefixes with any object) when the window ends
   bucket max        the most complete checkpoints seen in one sample after the warm-up
@@ -116,12 +117,13 @@ class BucketSampler:
 def paced_window(trainer: Trainer, seconds: float, step_s: float,
                  maybe_save: Callable[[int, dict, float], bool]) -> dict:
     """Train for `seconds`, each step taking at least `step_s`; `maybe_save` after every step."""
-    saved, stalls = [], []
+    saved, stalls, step_times = [], [], {trainer.step_no: time.monotonic()}
     t_start = time.monotonic()
     while time.monotonic() - t_start < seconds:
         t0 = time.monotonic()
         loss = trainer.train_step()
         step = trainer.step_no
+        step_times[step] = time.monotonic()
         s0 = time.perf_counter()
         if maybe_save(step, trainer.state(), loss):
             stalls.append(time.perf_counter() - s0)
@@ -130,7 +132,7 @@ def paced_window(trainer: Trainer, seconds: float, step_s: float,
         if left > 0:
             time.sleep(left)
     return {"elapsed_s": time.monotonic() - t_start, "saved_steps": saved, "stalls_s": stalls,
-            "last_step": trainer.step_no}
+            "last_step": trainer.step_no, "step_times": step_times}
 
 
 def run_window(name: str, args, trainer: Trainer, server, proxy: FaultProxy, bucket: str, base: Path) -> dict:
@@ -186,13 +188,15 @@ def run_window(name: str, args, trainer: Trainer, server, proxy: FaultProxy, buc
 
 
 def summarize(name: str, windows: list[dict]) -> dict:
-    intervals, node, restart, bucket_max = [], [], [], 0
+    intervals, node, node_s, restart, bucket_max = [], [], [], [], 0
     for w in windows:
         st = w["saved_steps"]
         intervals += [b - a for a, b in zip(st, st[1:])]
+        times = w["step_times"]
         for s in w["samples"]:
             newest_bucket = s["bucket"] if s["bucket"] is not None else w["first_step"]
             node.append(s["step"] - newest_bucket)
+            node_s.append(s["t"] - times.get(newest_bucket, times[w["first_step"]]))
             local = s["local"] if name != "upload" else s["bucket"]
             restart.append(s["step"] - (local if local is not None else w["first_step"]))
             bucket_max = max(bucket_max, s["complete"])
@@ -202,6 +206,8 @@ def summarize(name: str, windows: list[dict]) -> dict:
         "saves": sum(w["committed"] for w in windows),
         "p50_interval_steps": statistics.median(intervals) if intervals else None,
         "node_loss_steps": mean(node),
+        "node_loss_s": mean(node_s),
+        "steps_per_s": sum(w["last_step"] - w["first_step"] for w in windows) / sum(w["elapsed_s"] for w in windows),
         "restart_loss_steps": mean(restart),
         "samples": len(node),
         "bucket_end_complete": [w["end"]["complete"] for w in windows],
@@ -259,16 +265,17 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"state {trainer.state_bytes / MiB:.1f} MiB, {args.step_s} s/step, endpoint capped at "
           f"{args.bandwidth_mbps:g} MB/s, {args.seconds:.0f} s per strategy, samples every 0.25 s after "
           f"{args.warmup_s:.0f} s, keep LatestN({KEEP}), fixed K = {args.fixed_steps}")
-    headers = ["strategy", "saves", "P50 interval", "node loss", "restart loss", "bucket end",
-               "bucket max", "settled", "vs upload (node / restart)"]
-    rows = [["", "", "(steps)", "(mean steps)", "(mean steps)", "(complete/any)", "(complete)", "(complete)", ""]]
+    headers = ["strategy", "steps/s", "saves", "P50 interval", "node loss", "node loss", "restart loss",
+               "bucket end", "bucket max", "settled", "vs upload (node / restart)"]
+    rows = [["", "", "", "(steps)", "(mean steps)", "(mean s)", "(mean steps)", "(complete/any)", "(complete)",
+             "(complete)", "(steps)"]]
     for r in results:
         ratio = "-"
         if upload and upload["node_loss_steps"] and r is not upload:
             ratio = (f"{r['node_loss_steps'] / upload['node_loss_steps']:.2f}x / "
                      f"{r['restart_loss_steps'] / upload['node_loss_steps']:.2f}x")
-        rows.append([r["strategy"], r["saves"], _f(r["p50_interval_steps"], ".0f"), _f(r["node_loss_steps"]),
-                     _f(r["restart_loss_steps"]),
+        rows.append([r["strategy"], f"{r['steps_per_s']:.1f}", r["saves"], _f(r["p50_interval_steps"], ".0f"),
+                     _f(r["node_loss_steps"]), _f(r["node_loss_s"]), _f(r["restart_loss_steps"]),
                      ", ".join(f"{c}/{p}" for c, p in zip(r["bucket_end_complete"], r["bucket_end_prefixes"])),
                      r["bucket_max_complete"], ", ".join(_f(x, "d") for x in r["settled_complete"]), ratio])
     print_table(headers, rows)
