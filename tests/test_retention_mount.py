@@ -18,15 +18,16 @@ from mount import BestN, ContinuousCheckpointer, LatestN
 from tests.bucket_watch import BucketWatcher
 from tests.support.faultproxy import FaultProxy
 
-STATE_ELEMS = 1 << 20  # 4 MiB of float32 per checkpoint: about 1 s at the 4 MB/s cap
+STATE_ELEMS = 3 << 20  # 12 MiB of float32 per checkpoint: 3 multipart parts, about 3 s at the cap
 CAP = 4_000_000
+OPTIONS = ("--drain-delay", "0.2", "--part-size", "5MiB")
 
 
 @pytest.fixture
 def slow_mount(s3_server, make_mount):
     with FaultProxy(upstream=s3_server.endpoint_url) as proxy:
         proxy.set_bandwidth(CAP)
-        yield make_mount(endpoint_url=proxy.endpoint_url)
+        yield make_mount(endpoint_url=proxy.endpoint_url, options=OPTIONS)
 
 
 def state(step):
@@ -71,8 +72,13 @@ def test_a_superseded_checkpoint_never_reaches_the_bucket(slow_mount, caplog):
         time.sleep(0.2)
     superseded = superseded_steps(caplog)
     assert len(superseded) >= 3, f"expected the drain to skip ahead to the newest; superseded {superseded}"
-    seen = {step_of(k) for k in watcher.ever_seen()}
-    assert not superseded & seen, f"superseded steps {sorted(superseded & seen)} reached the bucket"
+    seen = watcher.ever_seen()
+    assert not bucket_steps(seen) & superseded, "a superseded checkpoint was complete in the bucket"
+    partly = {step_of(k) for k in seen} & superseded
+    # The drain does not preempt: the scope it is uploading (and the one filling its gaps) may
+    # finish their data before a newer checkpoint is durable; that data is deleted, never committed.
+    assert len(partly) <= 2, f"data of superseded steps {sorted(partly)} reached the bucket"
+    assert len(superseded - partly) >= 3, "superseded checkpoints whose upload had not started must never appear"
     assert bucket_steps(m.keys()) == {7, 8}
     assert local_steps(m.path / "ckpts") == [7, 8]
     assert_markers_never_early(watcher, range(1, 9))
