@@ -18,6 +18,7 @@ from typing import Callable
 import pyfuse3
 
 from gateway.cache import CacheFiles, is_disk_full
+from gateway.crashpoint import crash_point
 from gateway.errors import FsError
 from gateway.namespace import Attr, Namespace
 
@@ -129,6 +130,7 @@ class Operations(pyfuse3.Operations):
                 raise FsError(errno.EISDIR)
             await self._ensure_local(inode, whole=True)
             self.cache.truncate(inode, size)
+            crash_point("truncate")
         result = self.ns.setattr(
             inode,
             mode=attr.st_mode if fields.update_mode else None,
@@ -258,6 +260,7 @@ class Operations(pyfuse3.Operations):
         info = self._open_handle(inode, flags)
         if flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY and attr.size:
             self.cache.truncate(inode, 0)
+            crash_point("open-trunc")
             self.ns.setattr(inode, size=0)
         return info
 
@@ -279,6 +282,7 @@ class Operations(pyfuse3.Operations):
         if self.space is not None:
             await self.space.reserve(len(buf))
         written = self.cache.write(handle.ino, off, buf)
+        crash_point("write")
         self.ns.note_write(handle.ino, off, buf if written == len(buf) else buf[:written])
         return written
 

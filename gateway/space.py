@@ -17,6 +17,7 @@ import time
 
 import trio
 
+from gateway.crashpoint import crash_point
 from gateway.errors import FsError
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ class SpaceGuard:
             if self.cache.used_bytes <= target_bytes:
                 break
             self.cache.remove(ino)
+            crash_point("evict")
             self.ns.set_cached(ino, False)
             self.last_used.pop(ino, None)
             self.evictions += 1

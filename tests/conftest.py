@@ -66,9 +66,9 @@ class Mount:
     def url(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
 
-    def start(self, *extra: str) -> "Mount":
+    def start(self, *extra: str, env: dict | None = None) -> "Mount":
         ckptfs_cli("mount", self.url, str(self.path), "--cache-dir", str(self.cache_dir),
-                   "--endpoint-url", self.endpoint_url, *self.options, *extra)
+                   "--endpoint-url", self.endpoint_url, *self.options, *extra, env=env)
         self.pid = self.status()["pid"]
         return self
 
@@ -89,6 +89,12 @@ class Mount:
         """kill -9 the daemon and clear the dead mount, as an operator would."""
         os.kill(self.pid, signal.SIGKILL)
         _wait_gone(self.pid)
+        subprocess.run(["fusermount3", "-u", str(self.path)], capture_output=True)
+        self.pid = None
+
+    def died(self, timeout: float = 10) -> None:
+        """The daemon ended by itself (a test crash point): wait for it and clear the dead mount."""
+        _wait_gone(self.pid, timeout)
         subprocess.run(["fusermount3", "-u", str(self.path)], capture_output=True)
         self.pid = None
 
