@@ -20,6 +20,7 @@ from typing import Callable
 import pyfuse3
 import trio
 
+from gateway import content
 from gateway.cache import CacheFiles
 from gateway.config import Config, cache_size_bytes
 from gateway.control import Control
@@ -57,16 +58,8 @@ def lock_cache_dir(cache_dir: Path) -> int:
 
 
 def recover(ns: Namespace, cache: CacheFiles, journal: Journal) -> dict:
-    """Replay what a crash left: sizes of files being written, readiness, unlinked inodes, stray data."""
-    repaired = 0
-    for ino, size in journal.all("SELECT id, size FROM inodes WHERE content_dirty=1 AND nlink>0 AND (mode & 61440) = 32768"):
-        actual = cache.size_of(ino)
-        if actual is None:
-            cache.truncate(ino, 0)  # created but never written before the crash
-            actual = 0
-        if actual != size:
-            journal.execute("UPDATE inodes SET size=? WHERE id=?", (actual, ino))
-            repaired += 1
+    """Replay what a crash left: rows against data files, readiness, unlinked inodes, stray data."""
+    checked = content.check_data_files(ns, cache)
     unready = [r[0] for r in journal.all(
         "SELECT id FROM inodes WHERE ready_seq IS NULL AND durable=0 AND nlink>0 ORDER BY changed_at")]
     for ino in unready:
@@ -79,7 +72,7 @@ def recover(ns: Namespace, cache: CacheFiles, journal: Journal) -> dict:
             if entry.name.isdigit() and int(entry.name) not in known:
                 cache.remove(int(entry.name))
                 strays += 1
-    summary = {"sizes_repaired": repaired, "made_ready": len(unready), "purged": len(purged), "stray_data": strays}
+    summary = {**checked, "made_ready": len(unready), "purged": len(purged), "stray_data": strays}
     if any(summary.values()):
         log.info("recovered the journal: %s", summary)
     return summary
@@ -124,6 +117,7 @@ async def _serve_locked(config: Config, journal: Journal, on_ready: Callable[[],
         async with trio.open_nursery() as fetch_nursery:
             reader = Reader(ns, cache, store, fetch_nursery, space)
             space.reader = reader
+            ns.purge_listeners += [space.forget, reader.forget]
             ops = Operations(ns, cache, control, reader=reader, space=space)
             control.ops = ops
             control.reader = reader

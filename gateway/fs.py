@@ -7,6 +7,7 @@ logged with its traceback and answered EIO instead of ending the mount.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import itertools
@@ -17,8 +18,8 @@ from typing import Callable
 
 import pyfuse3
 
+from gateway import content
 from gateway.cache import CacheFiles, is_disk_full
-from gateway.crashpoint import crash_point
 from gateway.errors import FsError
 from gateway.namespace import Attr, Namespace
 
@@ -128,9 +129,9 @@ class Operations(pyfuse3.Operations):
         if size is not None:
             if self.ns.getattr(inode).is_dir:
                 raise FsError(errno.EISDIR)
-            await self._ensure_local(inode, whole=True)
-            self.cache.truncate(inode, size)
-            crash_point("truncate")
+            with self._pinned(inode):
+                await self._ensure_local(inode, whole=True)
+                content.truncate(self.ns, self.cache, inode, size)
         result = self.ns.setattr(
             inode,
             mode=attr.st_mode if fields.update_mode else None,
@@ -253,16 +254,21 @@ class Operations(pyfuse3.Operations):
         if attr.is_dir:
             raise FsError(errno.EISDIR)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        if writable and flags & os.O_TRUNC and not attr.cached and self.reader and inode not in self.reader.fetches:
-            self.ns.set_cached(inode, True)  # the old content is discarded: no need to fetch it
-        else:
-            await self._ensure_local(inode, whole=writable)
-        info = self._open_handle(inode, flags)
-        if flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY and attr.size:
-            self.cache.truncate(inode, 0)
-            crash_point("open-trunc")
+        truncating = writable and bool(flags & os.O_TRUNC)
+        with self._pinned(inode):  # not evicted between its fetch and the handle
+            if truncating and not attr.cached and self.reader and inode not in self.reader.fetches:
+                content.discard(self.ns, self.cache, inode)  # the old content is not fetched
+            else:
+                await self._ensure_local(inode, whole=writable)
+            info = self._open_handle(inode, flags)
+        if truncating and self.ns.getattr(inode).size:
+            content.truncate(self.ns, self.cache, inode, 0)
             self.ns.setattr(inode, size=0)
         return info
+
+    def _pinned(self, ino: int):
+        """While a handler awaits a fetch, the file is not evicted under it."""
+        return self.space.pinned(ino) if self.space is not None else contextlib.nullcontext()
 
     async def _ensure_local(self, ino: int, whole: bool) -> None:
         """Files evicted from the cache or known only from the bucket are fetched (all of it to write)."""
@@ -281,10 +287,7 @@ class Operations(pyfuse3.Operations):
         handle = self.handles[fh]
         if self.space is not None:
             await self.space.reserve(len(buf))
-        written = self.cache.write(handle.ino, off, buf)
-        crash_point("write")
-        self.ns.note_write(handle.ino, off, buf if written == len(buf) else buf[:written])
-        return written
+        return content.write(self.ns, self.cache, handle.ino, off, buf)
 
     @fuse_errors
     async def flush(self, fh):

@@ -100,6 +100,7 @@ class Namespace:
         self.open: dict[int, OpenState] = {}
         self.entry_of: dict[int, tuple[int, bytes]] = {}
         self.written_digests: dict[int, tuple[str, int]] = {}  # inode -> (xxh3, size) hashed while written
+        self.purge_listeners: list[Callable[[int], None]] = []  # per-inode state elsewhere, dropped on purge
         self.owner = (uid, gid)
         self._ensure_root(uid, gid)
         self._load_tree()
@@ -309,8 +310,8 @@ class Namespace:
             self.journal.execute("UPDATE inodes SET ctime_ns=? WHERE id=?", (t, ino))
             self._touch_dir(old_parent, t, gen)
             self._touch_dir(new_parent, t, gen)
-            self.entry_of[ino] = (new_parent, new_name)
             self._mark_moved(ino, gen)
+        self.entry_of[ino] = (new_parent, new_name)  # in memory only once the journal has it
         if target is not None:
             self.entry_of.pop(target, None)
             self._maybe_purge(target)
@@ -337,11 +338,11 @@ class Namespace:
             self.journal.execute("UPDATE dentries SET inode=? WHERE parent=? AND name=?", (i2, p1, n1))
             self.journal.execute("UPDATE dentries SET inode=? WHERE parent=? AND name=?", (i1, p2, n2))
             self.journal.execute("UPDATE inodes SET ctime_ns=? WHERE id IN (?, ?)", (t, i1, i2))
-            self.entry_of[i1], self.entry_of[i2] = (p2, n2), (p1, n1)
             self._touch_dir(p1, t, gen)
             self._touch_dir(p2, t, gen)
             self._mark_moved(i1, gen)
             self._mark_moved(i2, gen)
+        self.entry_of[i1], self.entry_of[i2] = (p2, n2), (p1, n1)
         self.on_change()
         return None
 
@@ -382,8 +383,8 @@ class Namespace:
         state = self.open.get(ino)
         if state is not None:
             state.version += 1
-            if state.written:
-                return  # already recorded since the last flush to the journal
+            if state.written and state.writers > 0:
+                return  # already recorded since it was opened for writing; the drain skips it meanwhile
             state.written = True
         gen = self._next_gen()
         with self.journal.transaction():
@@ -395,19 +396,18 @@ class Namespace:
         self.on_change()
 
     def note_write(self, ino: int, offset: int, data: bytes) -> None:
-        """A write reached the cache file: track size and mtime in memory, journal the first one."""
+        """A write reached the cache file (after `content_changed`): track size and mtime in memory."""
         state = self.open.setdefault(ino, OpenState())
         current = state.size if state.size is not None else self.getattr(ino).size
         self._hash_write(state, current, offset, data)
         state.size = max(current, offset + len(data))
         state.mtime_ns = now_ns()
-        self.content_changed(ino)
 
     @staticmethod
     def _hash_write(state: OpenState, size_before: int, offset: int, data: bytes) -> None:
         """Checkpoints are written front to back: hash them on the way, so the drain need not
         re-read the file for its digest. Any other pattern drops the running hash."""
-        if state.hasher is None and not state.written and size_before == 0 and offset == 0:
+        if state.hasher is None and size_before == 0 and offset == 0:
             state.hasher, state.hashed = xxhash.xxh3_128(), 0
         if state.hasher is None:
             return
@@ -524,7 +524,10 @@ class Namespace:
         with self.journal.transaction():
             self.journal.execute("DELETE FROM inodes WHERE id=?", (ino,))
             self.journal.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
+        self.written_digests.pop(ino, None)
         self.on_purge(ino)
+        for forget in self.purge_listeners:
+            forget(ino)
 
     def purge_unlinked(self) -> list[int]:
         """At start: inodes unlinked while open before a crash are gone for good."""
@@ -561,8 +564,9 @@ class Namespace:
         self.entry_of[ino] = (parent, name)
         return ino
 
-    def set_cached(self, ino: int, cached: bool) -> None:
-        self.journal.execute("UPDATE inodes SET cached=? WHERE id=?", (int(cached), ino))
+    def set_cached(self, ino: int, cached: bool, *, size: int | None = None) -> None:
+        self.journal.execute("UPDATE inodes SET cached=?, size=coalesce(?, size) WHERE id=?",
+                             (int(cached), size, ino))
 
     def remote_key(self, ino: int) -> str | None:
         """The key of an object that holds this inode's current content, if one is published."""

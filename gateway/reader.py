@@ -55,6 +55,10 @@ class Reader:
         self.fetched_bytes = 0
         self.digest_failures = 0
 
+    def forget(self, ino: int) -> None:
+        """The inode was purged: drop what is known about it here."""
+        self.corrupt.discard(ino)
+
     async def ensure_local(self, ino: int, *, whole: bool = False) -> None:
         """Start fetching an uncached file; with `whole`, wait until all of it is local."""
         attr = self.ns.getattr(ino)
