@@ -121,6 +121,7 @@ class Control:
         if self.reader is not None:
             status["fetched_bytes_total"] = self.reader.fetched_bytes
             status["digest_failures_total"] = self.reader.digest_failures
+            status["fetch_retries_total"] = self.reader.retries
         if self.ops is not None:
             status["fuse_ops_total"] = dict(self.ops.op_counts)
         return status

@@ -19,6 +19,7 @@ import xxhash
 from gateway.cache import CacheFiles
 from gateway.errors import FsError, StoreError
 from gateway.namespace import Namespace
+from gateway.retry import retrying
 from gateway.store import METADATA_DIGEST, Store
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,10 @@ class Reader:
         self.limiter = trio.CapacityLimiter(FETCH_CONCURRENCY)
         self.fetched_bytes = 0
         self.digest_failures = 0
+        self.retries = 0
+
+    def _count_retry(self, exc: StoreError, attempt: int, delay_s: float) -> None:
+        self.retries += 1
 
     def forget(self, ino: int) -> None:
         """The inode was purged: drop what is known about it here."""
@@ -112,7 +117,7 @@ class Reader:
         try:
             if key is None:
                 raise StoreError("no object holds this file's content", transient=False)
-            head = await self.store.head_object(key)
+            head = await retrying(f"HEAD {key}", lambda: self.store.head_object(key), on_retry=self._count_retry)
             expected = head.get("Metadata", {}).get(METADATA_DIGEST)
             if int(head["ContentLength"]) != fetch.size:
                 raise StoreError(f"object {key} has {head['ContentLength']} bytes, expected {fetch.size}",
@@ -171,16 +176,13 @@ class Reader:
         start = index * CHUNK
         end = min(fetch.size, start + CHUNK)
         async with self.limiter:
-            for attempt in range(1, CHUNK_ATTEMPTS + 1):
-                try:
-                    data = await self.store.get_range(key, start, end) if end > start else b""
-                    break
-                except StoreError as exc:
-                    if not exc.transient or attempt == CHUNK_ATTEMPTS:
-                        fetch.error = str(exc)
-                        fetch.chunk_done[index].set()
-                        return
-                    await trio.sleep(0.2 * 2 ** attempt)
+            try:
+                data = await retrying(f"GET {key} at {start}", lambda: self.store.get_range(key, start, end),
+                                      attempts=CHUNK_ATTEMPTS, on_retry=self._count_retry) if end > start else b""
+            except StoreError as exc:
+                fetch.error = str(exc)
+                fetch.chunk_done[index].set()
+                return
             if len(data) != end - start:
                 fetch.error = f"short read of {key} at {start}: {len(data)} bytes"
             else:
