@@ -9,6 +9,7 @@ and exit; whatever is left stays in the journal for the next mount.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import fcntl
 import faulthandler
 import logging
@@ -25,7 +26,7 @@ from gateway.cache import CacheFiles
 from gateway.config import Config, cache_size_bytes
 from gateway.control import Control
 from gateway.drain import Drain
-from gateway.errors import CliError, StoreError
+from gateway.errors import CliError, JournalError, StoreError
 from gateway.fs import Operations
 from gateway.journal import Journal
 from gateway.listing import BucketListing
@@ -36,6 +37,7 @@ from gateway.store import Store
 
 log = logging.getLogger(__name__)
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+RESTART_S = 1.0  # pause before a background service that failed is started again
 MOUNT_ATTEMPTS = 4  # bucket check and listing at mount: ~3.5 s of retries before a one-line error
 
 
@@ -114,6 +116,7 @@ async def _serve_locked(config: Config, journal: Journal, on_ready: Callable[[],
                            high=config.cache_high_watermark, low=config.cache_low_watermark,
                            timeout_s=config.backpressure_timeout_s)
         control.backpressure = space
+        control.background = errors = BackgroundErrors()
         async with trio.open_nursery() as fetch_nursery:
             reader = Reader(ns, cache, store, fetch_nursery, space)
             space.reader = reader
@@ -121,9 +124,43 @@ async def _serve_locked(config: Config, journal: Journal, on_ready: Callable[[],
             ops = Operations(ns, cache, control, reader=reader, space=space)
             control.ops = ops
             control.reader = reader
-            fetch_nursery.start_soon(listing.run)
-            await _run_mounted(config, ops, drain, on_ready)
+            fetch_nursery.start_soon(supervised, "bucket listing", listing.run, errors)
+            await _run_mounted(config, ops, drain, on_ready, errors)
             fetch_nursery.cancel_scope.cancel()
+
+
+@dataclasses.dataclass
+class BackgroundErrors:
+    """Exceptions that escaped a background service (shown in status); the mount stays up."""
+
+    count: int = 0
+    last: str | None = None
+    journal_failed: set[str] = dataclasses.field(default_factory=set)
+
+    def record(self, name: str, exc: Exception) -> None:
+        self.count += 1
+        self.last = f"{name}: {exc!r}"
+        if isinstance(exc, JournalError):
+            if name not in self.journal_failed:  # once per service: it retries every RESTART_S
+                self.journal_failed.add(name)
+                log.error("%s: the journal cannot be written (%s); the mount stays up, read-only", name, exc)
+        else:
+            log.exception("%s failed unexpectedly; restarting it in %.0f s", name, RESTART_S)
+
+
+async def supervised(name: str, service, errors: BackgroundErrors, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Run a background service (drain, listing) for the life of the mount: an exception that
+    escapes it is logged and counted and the service starts again, instead of ending the nursery
+    and with it the mount. Cancellation (unmount) still ends it."""
+    kwargs = {} if task_status is trio.TASK_STATUS_IGNORED else {"task_status": task_status}
+    while True:
+        try:
+            await service(**kwargs)
+            return
+        except Exception as exc:
+            errors.record(name, exc)
+        kwargs = {}  # started once: the mount does not wait for a restart
+        await trio.sleep(RESTART_S)
 
 
 async def _at_mount(what: str, call, *, timeout_s: float, attempts: int = MOUNT_ATTEMPTS) -> None:
@@ -148,7 +185,8 @@ def _disk_bytes(cache: CacheFiles) -> int:
     return vfs.f_blocks * vfs.f_frsize
 
 
-async def _run_mounted(config: Config, ops: Operations, drain: Drain, on_ready: Callable[[], None]) -> None:
+async def _run_mounted(config: Config, ops: Operations, drain: Drain, on_ready: Callable[[], None],
+                       errors: BackgroundErrors) -> None:
     no_drain = {"set": config.no_drain}
     try:
         pyfuse3.init(ops, config.mountpoint, mount_options(config))
@@ -156,7 +194,7 @@ async def _run_mounted(config: Config, ops: Operations, drain: Drain, on_ready: 
         raise CliError(f"cannot mount at {config.mountpoint}: {exc}") from None
     clean = False
     async with trio.open_nursery() as nursery:
-        await nursery.start(drain.run)
+        await nursery.start(supervised, "drain", drain.run, errors)
         nursery.start_soon(_watch_signals, no_drain)
         _start_metrics(config, ops.control)
         on_ready()

@@ -17,7 +17,7 @@ import trio
 import xxhash
 
 from gateway.cache import CacheFiles
-from gateway.errors import FsError, StoreError
+from gateway.errors import FsError, JournalError, StoreError
 from gateway.namespace import Namespace
 from gateway.retry import retrying
 from gateway.store import METADATA_DIGEST, Store
@@ -56,6 +56,7 @@ class Reader:
         self.fetched_bytes = 0
         self.digest_failures = 0
         self.retries = 0
+        self.errors = 0
 
     def _count_retry(self, exc: StoreError, attempt: int, delay_s: float) -> None:
         self.retries += 1
@@ -138,16 +139,24 @@ class Reader:
                                  transient=False)
             self.ns.set_cached(fetch.ino, True)
             self.cache.used_bytes += fetch.size
-        except (StoreError, OSError, ExceptionGroup) as exc:  # a group: a chunk task failed
-            fetch.error = str(exc)
-            log.error("read of %s failed: %s", key, exc)
-            if fetch.ino in self.corrupt:
-                self._drop_bytes(path)  # keep the inode's data file, but never its wrong bytes
+        except (StoreError, OSError, ExceptionGroup, FsError, JournalError) as exc:  # a group: a chunk task failed
+            self._failed(fetch, path, f"read of {key} failed: {exc}")
+        except Exception as exc:  # a bug must not end the fetch nursery (and with it the mount)
+            log.exception("read of %s: unexpected error", key)
+            self._failed(fetch, path, f"read of {key} failed: internal error: {exc!r}")
         finally:
             for event in fetch.chunk_done:
                 event.set()
             fetch.finished.set()
             self.fetches.pop(fetch.ino, None)
+
+    def _failed(self, fetch: Fetch, path: str, message: str) -> None:
+        """Readers waiting on the fetch get EIO; its partial bytes go (they would fill the disk,
+        and a corrupt object's bytes are never kept)."""
+        fetch.error = message
+        self.errors += 1
+        log.error("%s", message)
+        self._drop_bytes(path)
 
     @staticmethod
     def _drop_bytes(path: str) -> None:
