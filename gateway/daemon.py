@@ -22,7 +22,7 @@ import pyfuse3
 import trio
 
 from gateway import content
-from gateway.cache import CacheFiles
+from gateway.cache import CacheFiles, UnsafeCacheDir, secure_cache_dir
 from gateway.config import Config, cache_size_bytes
 from gateway.control import Control
 from gateway.drain import Drain
@@ -44,8 +44,12 @@ MOUNT_ATTEMPTS = 4  # bucket check and listing at mount: ~3.5 s of retries befor
 def lock_cache_dir(cache_dir: Path) -> int:
     """Take an exclusive lock on the cache dir, or explain who holds it."""
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        warning = secure_cache_dir(cache_dir)
+        if warning:
+            log.warning("%s", warning)
         fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except UnsafeCacheDir as exc:
+        raise CliError(str(exc), code=2) from None
     except OSError as exc:
         raise CliError(f"cache dir {cache_dir} is not usable: {exc.strerror}") from None
     try:
@@ -249,6 +253,7 @@ def configure_logging(config: Config) -> None:
     handlers: list[logging.Handler] = []
     if config.log_file:
         handlers.append(logging.FileHandler(config.log_file))
+        os.chmod(config.log_file, 0o600)  # it names files, the bucket and the prefix
     else:
         handlers.append(logging.StreamHandler())
     logging.basicConfig(level=config.log_level.upper(), handlers=handlers, force=True,
@@ -272,6 +277,7 @@ def pin_mmap_threshold() -> None:
 
 
 def run(config: Config, on_ready: Callable[[], None]) -> None:
+    os.umask(0o077)  # the daemon's own files (journal, log, data) are its user's only
     configure_logging(config)
     pin_mmap_threshold()
     trio.run(serve, config, on_ready)
