@@ -3,7 +3,8 @@
 The rule (issue 14): the journal records the intent before the data file is touched.
   - write, truncate, open(O_TRUNC): the row is marked `content_dirty` (not durable, old objects
     no longer current) first, then the data file changes;
-  - eviction: the row is marked not cached first, then the data file goes.
+  - eviction: the row is marked not cached first, then the data file goes;
+  - fetch (gateway/reader.py): the data file is fsynced before the row says cached.
 So whatever a kill -9 interrupts, either the row says "local content is the truth" (dirty: recovery
 takes the data file's size and uploads it) or the data file is not needed (not cached: reads fetch
 the object). `check_data_files` at start repairs what an older daemon (or a lost disk write) left.
@@ -23,9 +24,18 @@ log = logging.getLogger(__name__)
 REGULAR = "(mode & 61440) = 32768"
 
 
+def _intent(ns: Namespace, ino: int) -> None:
+    """Journal that the content changes. When the journal had it clean (published, or known only
+    from the bucket), the record is made durable first (fsync of the WAL): after a power loss the
+    row must never say "clean" while the data file holds new bytes. New files and files already
+    being written cost nothing more."""
+    if ns.content_changed(ino):
+        ns.journal.sync_wal()
+
+
 def write(ns: Namespace, cache: CacheFiles, ino: int, offset: int, data: bytes) -> int:
     """pwrite into the data file of an open file; returns the bytes written."""
-    ns.content_changed(ino)
+    _intent(ns, ino)
     written = cache.write(ino, offset, data)
     crash_point("write")
     ns.note_write(ino, offset, data if written == len(data) else data[:written])
@@ -34,14 +44,14 @@ def write(ns: Namespace, cache: CacheFiles, ino: int, offset: int, data: bytes) 
 
 def truncate(ns: Namespace, cache: CacheFiles, ino: int, size: int) -> None:
     """Set the data file's length; the caller records the new size (Namespace.setattr)."""
-    ns.content_changed(ino)
+    _intent(ns, ino)
     cache.truncate(ino, size)
     crash_point("truncate")
 
 
 def discard(ns: Namespace, cache: CacheFiles, ino: int) -> None:
     """open(O_TRUNC) of a file whose data is not local: it becomes local and empty, unfetched."""
-    ns.content_changed(ino)
+    _intent(ns, ino)
     ns.set_cached(ino, True, size=0)
     cache.truncate(ino, 0)
     crash_point("open-trunc")

@@ -377,23 +377,28 @@ class Namespace:
                 self.mark_ready(ino)
         return self.getattr(ino)
 
-    def content_changed(self, ino: int) -> None:
-        """The content differs from what was published: not durable, not ready, old objects stale."""
+    def content_changed(self, ino: int) -> bool:
+        """The content differs from what was published: not durable, not ready, old objects stale.
+
+        Returns whether the journal had the content as clean until now (see gateway/content.py)."""
         self.written_digests.pop(ino, None)
         state = self.open.get(ino)
         if state is not None:
             state.version += 1
             if state.written and state.writers > 0:
-                return  # already recorded since it was opened for writing; the drain skips it meanwhile
-            state.written = True
+                return False  # already recorded since it was opened for writing; the drain skips it meanwhile
         gen = self._next_gen()
         with self.journal.transaction():
+            row = self.journal.one("SELECT content_dirty FROM inodes WHERE id=?", (ino,))
             self.journal.execute(
                 "UPDATE inodes SET content_dirty=1, durable=0, ready_seq=NULL, changed_gen=?, changed_at=? "
                 "WHERE id=?",
                 (gen, time.time(), ino),
             )
+        if state is not None:
+            state.written = True
         self.on_change()
+        return row is not None and row[0] == 0
 
     def note_write(self, ino: int, offset: int, data: bytes) -> None:
         """A write reached the cache file (after `content_changed`): track size and mtime in memory."""

@@ -130,6 +130,7 @@ class Reader:
             try:
                 os.ftruncate(fd, fetch.size)
                 digest = await self._fetch_chunks(fetch, key, fd)
+                await trio.to_thread.run_sync(os.fsync, fd)  # on disk before the journal says cached
             finally:
                 os.close(fd)
             if expected and digest != expected:

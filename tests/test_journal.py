@@ -147,3 +147,23 @@ def test_start_repairs_rows_that_disagree_with_their_data_file(parts):
     assert b.cached and b.size == 10 and b.content_dirty and not b.durable
     c = ns.getattr(emptied)
     assert c.cached and c.size == 0 and cache.size_of(emptied) == 0
+
+
+def test_rewrite_of_a_clean_file_makes_its_intent_durable_before_the_data(parts):
+    journal, ns, cache = parts
+    ino = ns.create(ROOT_INODE, b"f", FILE, 0, 0).id
+    cache.acquire(ino)
+    syncs = []
+    journal.sync_wal = lambda: syncs.append((cache.read(ino, 0, 3), ns.getattr(ino).content_dirty))
+    ns.opened(ino, True)
+    content.write(ns, cache, ino, 0, b"old")
+    ns.closed(ino, True)
+    assert syncs == [], "a new file's first write needs no extra fsync"
+    journal.execute("UPDATE inodes SET content_dirty=0, durable=1 WHERE id=?", (ino,))  # published
+    ns.opened(ino, True)
+    content.write(ns, cache, ino, 0, b"new")
+    content.write(ns, cache, ino, 3, b"more")
+    ns.closed(ino, True)
+    assert syncs == [(b"old", 1)], "the dirty mark must be durable before the first new byte, and only once"
+    assert cache.read(ino, 0, 7) == b"newmore"
+    cache.release(ino)
