@@ -113,7 +113,8 @@ async def _serve_locked(config: Config, journal: Journal, on_ready: Callable[[],
                      max_connections=config.upload_concurrency + 8) as store:
         await _at_mount(f"cannot use s3://{config.bucket}", store.check_bucket, timeout_s=30)
         listing = BucketListing(ns, store, config.metadata_ttl_s)
-        await _at_mount(f"cannot list s3://{config.bucket}/{config.prefix}", listing.sync_once, timeout_s=300)
+        await _at_mount(f"cannot list s3://{config.bucket}/{config.prefix}",
+                        lambda: listing.sync_once(reconcile=True), timeout_s=300)
         drain = Drain(ns, cache, store, journal, config)
         control = Control(ns, cache, drain, journal, config)
         space = SpaceGuard(ns, cache, drain, limit_bytes=cache_size_bytes(config, _disk_bytes(cache)),
