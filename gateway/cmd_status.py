@@ -85,6 +85,7 @@ def format_status(s: dict) -> str:
 
     rows = [
         ("mount", s["mountpoint"]),
+        *([("FAILSAFE", f"read-only: the journal cannot be written ({s['failsafe']})")] if s.get("failsafe") else []),
         ("bucket", f"s3://{s['bucket']}/{s['prefix']}".rstrip("/")),
         ("endpoint", s.get("endpoint_url") or "(default)"),
         ("cache dir", s["cache_dir"]),
@@ -101,6 +102,8 @@ def format_status(s: dict) -> str:
         ("uploaded", f"{human_bytes(s['uploaded_bytes_total'])} in {s['uploaded_files_total']} files"),
         ("retries / errors", f"{s['retries_total']} / {s['errors_total']}"),
         ("last error", s.get("last_error") or "-"),
+        ("background errors", f"{s.get('background_errors_total', 0)}"
+         + (f" (last: {s['last_background_error']})" if s.get("last_background_error") else "")),
     ]
     for key in ("cache_size_bytes", "evictable_bytes", "evictions_total", "backpressure_seconds_total"):
         if key in s:
