@@ -302,3 +302,21 @@ def test_rename_changes_ctime_of_the_file_and_both_directories(ns):
     assert ns.getattr(ino).ctime_ns > before[ino].ctime_ns
     for d in (a, b):
         assert ns.getattr(d).mtime_ns > before[d].mtime_ns and ns.getattr(d).ctime_ns > before[d].ctime_ns
+
+
+def test_local_nodes_and_links_survive_a_restart_and_recovery(journal, tmp_path):
+    from gateway.cache import CacheFiles
+    from gateway.daemon import recover
+
+    ns = Namespace(journal, uid=0, gid=0, on_purge=lambda ino: None)
+    fifo = ns.create(ROOT_INODE, b"fifo", FIFO, 5, 6, rdev=0).id
+    dev = ns.create(ROOT_INODE, b"dev", stat.S_IFCHR | 0o600, 0, 0, rdev=0x0103).id
+    ino = ns.create(ROOT_INODE, b"f", FILE, 0, 0).id
+    ns.opened(ino, writable=True)  # still open for writing when the daemon dies
+    ns.link(ino, ROOT_INODE, b"g")
+    assert ns.getattr(ino).ready_seq is None  # a link does not make a file being written ready
+    again = Namespace(journal, uid=0, gid=0, on_purge=lambda ino: None)
+    summary = recover(again, CacheFiles(tmp_path / "cache"), journal)
+    assert summary["made_ready"] == 1 and pending(again) == {ino}  # the file, not the local nodes
+    assert (again.getattr(fifo).mode, again.getattr(fifo).uid) == (FIFO, 5)
+    assert again.getattr(dev).rdev == 0x0103 and again.paths_of(ino) == ["f", "g"]
