@@ -269,10 +269,14 @@ class Drain:
         sel = self.selection
         before = sel.last_plan.scopes if sel.last_plan is not None else {}
         for root, scope in before.items():
-            if root not in plan.scopes and self.ns.path_of(root) is not None:
+            if root in plan.scopes:
+                continue
+            if not scope.by_marker:
+                self.journal.execute("DELETE FROM scopes WHERE root=?", (root,))  # done: nothing pending
+            if self.ns.path_of(root) is not None:
                 sel.newest_durable_seq = max(sel.newest_durable_seq or 0, scope.committed_seq)
                 self.counters.newest_durable_scope_at = now
-                log.info("checkpoint %s is durable", scope.path or "/")
+                log.log(logging.INFO if scope.by_marker else logging.DEBUG, "checkpoint %s is durable", scope.path or "/")
         sel.selected, sel.prefer_old, sel.last_plan = plan.selected, plan.prefer_old, plan
         floor = sel.newest_durable_seq if sel.newest_durable_seq is not None else -1
         sel.superseded_since = {root: sel.superseded_since.get(root, now) for root, scope in plan.scopes.items()
