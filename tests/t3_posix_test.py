@@ -297,6 +297,24 @@ def test_every_hard_link_is_an_object(mount, d):
     assert bucket_keys_below(mount, d, {"g"}) == {"g"}
 
 
+def test_unlinking_the_published_name_of_an_uncached_linked_file_keeps_its_content(make_mount, tmp_path):
+    data = os.urandom(300_000)
+    a = make_mount("a")
+    (a.path / "f").write_bytes(data)
+    a.wait(timeout=60)
+    a.unmount()
+    b = make_mount("b", cache_dir=tmp_path / "fresh-cache")  # f is known from the listing, not cached
+    os.link(b.path / "f", b.path / "g")
+    os.unlink(b.path / "f")  # the object f is the only copy: it is copied to g before it goes
+    b.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while set(b.keys()) != {"g"} and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert set(b.keys()) == {"g"}
+    body = b.s3.boto3_client().get_object(Bucket=b.bucket, Key=f"{b.prefix}/g")["Body"].read()
+    assert body == data and (b.path / "g").read_bytes() == data
+
+
 def test_fifos_sockets_and_devices_are_never_uploaded(mount, d):
     (d / "f").write_bytes(b"x")
     os.mkfifo(d / "fifo")

@@ -227,6 +227,21 @@ def test_unlink_of_the_canonical_name_moves_it_to_the_next_oldest(ns):
     assert ino in pending(ns)  # the drain looks again: its canonical key changed
 
 
+def test_the_only_copy_of_an_evicted_file_stays_until_another_name_has_it(ns):
+    ino = new_file(ns, ROOT_INODE, b"f")
+    publish(ns, ino, "f")
+    ns.set_cached(ino, False)  # evicted: the object is the only copy
+    ns.link(ino, ROOT_INODE, b"g")
+    ns.unlink(ROOT_INODE, b"f")
+    assert object_owner(ns, "f") == ino and ns.remote_key(ino) == "f"  # a source to copy or fetch from
+    assert ino in pending(ns)
+    publish(ns, ino, "g")  # once the drain has copied it to g, the unlink of a name stales its key
+    ns.link(ino, ROOT_INODE, b"h")
+    publish(ns, ino, "h")
+    ns.unlink(ROOT_INODE, b"h")
+    assert object_owner(ns, "h") is None
+
+
 def test_unlink_of_the_last_name_makes_every_object_stale(ns, purged):
     ino = new_file(ns, ROOT_INODE, b"f")
     ns.link(ino, ROOT_INODE, b"g")
