@@ -57,6 +57,7 @@ def register(subparsers) -> None:
     u.add_argument("mountpoint")
     u.add_argument("--no-drain", action="store_true", help="exit without draining (pending work stays journaled)")
     u.add_argument("--timeout", type=float, default=None, help="seconds to wait for the daemon to exit")
+    u.add_argument("--quiet", "-q", action="store_true", help="no progress bar (there is none off a terminal)")
     u.set_defaults(func=unmount_command)
 
 
@@ -165,6 +166,7 @@ def _read_ready(fd: int, proc: subprocess.Popen, timeout_s: float) -> bytes:
 
 def unmount_command(args: argparse.Namespace) -> int:
     from gateway.cmd_status import read_status
+    from gateway.progress import DrainProgress
 
     mountpoint = str(Path(args.mountpoint).absolute())
     status = read_status(mountpoint)
@@ -176,11 +178,28 @@ def unmount_command(args: argparse.Namespace) -> int:
         raise CliError(f"cannot unmount {mountpoint}: {result.stderr.strip()}")
     timeout = args.timeout if args.timeout is not None else float(status.get("drain_timeout_s") or 600) + 30
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            return 0
-        time.sleep(0.1)
+    with DrainProgress("unmount: draining", quiet=args.quiet or args.no_drain) as bar:
+        while time.monotonic() < deadline:
+            if not _alive(pid):
+                bar.finish()
+                return 0
+            if bar.enabled:
+                status = _drain_status(status, pid)
+                bar.update(status)
+            time.sleep(0.1)
     raise CliError(f"daemon {pid} still draining after {timeout:.0f}s; it keeps going in the background")
+
+
+def _drain_status(last: dict, pid: int) -> dict:
+    """The status the daemon `pid` publishes in its cache dir while it drains (else `last`)."""
+    from gateway.control import DRAIN_STATUS_FILE
+
+    try:
+        with open(Path(last["cache_dir"]) / DRAIN_STATUS_FILE, "rb") as f:
+            status = json.loads(f.read())
+    except (OSError, ValueError, KeyError):
+        return last
+    return status if isinstance(status, dict) and status.get("pid") == pid else last
 
 
 def _alive(pid: int) -> bool:

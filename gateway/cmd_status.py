@@ -30,6 +30,7 @@ def register(subparsers) -> None:
     w.add_argument("mountpoint")
     w.add_argument("paths", nargs="*", metavar="PATH")
     w.add_argument("--timeout", type=float, default=None, help="give up after SECONDS (exit 1)")
+    w.add_argument("--quiet", "-q", action="store_true", help="no progress bar (there is none off a terminal)")
     w.set_defaults(func=wait_command)
 
     v = subparsers.add_parser("verify", help="re-read objects from the bucket and compare digests")
@@ -95,6 +96,7 @@ def format_status(s: dict) -> str:
         ("stale objects to delete", s["stale_objects"]),
         ("oldest pending", age(s["oldest_pending_age_s"])),
         ("newest durable change", age(s["newest_durable_age_s"])),
+        ("newest durable checkpoint", age(s.get("newest_durable_checkpoint_age_s"))),
         ("drain rate (10 s)", human_bytes(s["drain_rate_bps"]) + "/s"),
         ("uploaded", f"{human_bytes(s['uploaded_bytes_total'])} in {s['uploaded_files_total']} files"),
         ("retries / errors", f"{s['retries_total']} / {s['errors_total']}"),
@@ -119,22 +121,29 @@ def path_state(path: str) -> str:
 
 
 def wait_command(args: argparse.Namespace) -> int:
+    from gateway.progress import DrainProgress
+
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     start = read_status(args.mountpoint)
     target_gen = start["generation"]
-    while True:
-        if args.paths:
-            pending = [p for p in args.paths if path_state(_in_mount(args.mountpoint, p)) not in DONE_STATES]
-        else:
-            status = read_status(args.mountpoint)
-            pending = [] if status["durable_through_generation"] >= target_gen else [
-                f"{status['pending_files']} files ({human_bytes(status['dirty_bytes'])}) not yet durable"
-                + (f"; last error: {status['last_error']}" if status.get("last_error") else "")]
-        if not pending:
-            return 0
-        if deadline is not None and time.monotonic() >= deadline:
-            raise CliError("timed out; still pending: " + ", ".join(pending[:20]), code=1)
-        time.sleep(0.1)
+    with DrainProgress("wait", quiet=args.quiet) as bar:
+        while True:
+            if args.paths:
+                pending = [p for p in args.paths if path_state(_in_mount(args.mountpoint, p)) not in DONE_STATES]
+                if bar.enabled:
+                    bar.update(read_status(args.mountpoint), len(pending), "path")
+            else:
+                status = read_status(args.mountpoint)
+                bar.update(status)
+                pending = [] if status["durable_through_generation"] >= target_gen else [
+                    f"{status['pending_files']} files ({human_bytes(status['dirty_bytes'])}) not yet durable"
+                    + (f"; last error: {status['last_error']}" if status.get("last_error") else "")]
+            if not pending:
+                bar.finish()
+                return 0
+            if deadline is not None and time.monotonic() >= deadline:
+                raise CliError("timed out; still pending: " + ", ".join(pending[:20]), code=1)
+            time.sleep(0.1)
 
 
 def _in_mount(mountpoint: str, path: str) -> str:

@@ -22,7 +22,7 @@ import trio
 
 from gateway.cache import CacheFiles
 from gateway.config import Config, cache_size_bytes
-from gateway.control import Control
+from gateway.control import DRAIN_STATUS_FILE, Control
 from gateway.drain import Drain
 from gateway.errors import CliError, StoreError
 from gateway.fs import Operations
@@ -174,7 +174,10 @@ async def _run_mounted(config: Config, ops: Operations, drain: Drain, on_ready: 
         finally:
             pyfuse3.close(unmount=clean)
         if not no_drain["set"]:
-            await _drain_before_exit(drain, config.drain_timeout_s)
+            async with trio.open_nursery() as progress:  # `ckptfs unmount` shows it
+                progress.start_soon(ops.control.publish_status, str(Path(config.cache_dir) / DRAIN_STATUS_FILE))
+                await _drain_before_exit(drain, config.drain_timeout_s)
+                progress.cancel_scope.cancel()
         drain.stop()
         nursery.cancel_scope.cancel()
 

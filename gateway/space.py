@@ -39,6 +39,7 @@ class SpaceGuard:
         self.evicted_bytes = 0
         self.backpressure_s = 0.0
         self.backpressure_waits = 0
+        self.waiting = 0  # writers waiting for room now
         self.overflows = 0
 
     def touch(self, ino: int) -> None:
@@ -56,6 +57,7 @@ class SpaceGuard:
     async def _wait_for_room(self, nbytes: int) -> None:
         started = time.monotonic()
         self.backpressure_waits += 1
+        self.waiting += 1
         log.info("cache full (%d of %d bytes used): writer waits for the drain", self.cache.used_bytes,
                  self.limit_bytes)
         try:
@@ -71,6 +73,7 @@ class SpaceGuard:
                 await trio.sleep(POLL_S)
                 self.evict(self.low_bytes - nbytes)
         finally:
+            self.waiting -= 1
             self.backpressure_s += time.monotonic() - started
 
     def _drain_can_make_room(self) -> bool:
@@ -108,5 +111,6 @@ class SpaceGuard:
             "evicted_bytes_total": self.evicted_bytes,
             "backpressure_seconds_total": round(self.backpressure_s, 3),
             "backpressure_waits_total": self.backpressure_waits,
+            "backpressure_writers_waiting": self.waiting,
             "cache_overflows_total": self.overflows,
         }
