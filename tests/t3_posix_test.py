@@ -299,6 +299,23 @@ def test_every_hard_link_is_an_object(mount, d):
     assert bucket_keys_below(mount, d, {"g"}) == {"g"}
 
 
+@pytest.mark.xfail(strict=True, reason="drain: every name in Namespace.paths_of is published, also a held one")
+def test_a_hard_link_under_a_temporary_name_is_not_an_object(mount, d):
+    (d / "f").write_bytes(b"x")
+    os.link(d / "f", d / "f.tmp")
+    mount.wait(timeout=60)
+    assert bucket_keys_below(mount, d, {"f"}, timeout=5) == {"f"}
+
+
+@pytest.mark.xfail(strict=True, reason="drain: a file whose canonical (oldest) name is held is held under all "
+                   "its names; the names that are not held must be published")
+def test_a_final_hard_link_of_a_held_file_is_published(mount, d):
+    (d / "f.tmp").write_bytes(b"x")
+    os.link(d / "f.tmp", d / "f")
+    mount.wait(timeout=20)
+    assert bucket_keys_below(mount, d, {"f"}, timeout=5) == {"f"}
+
+
 def object_bytes(mount: Mount, path: Path) -> bytes:
     key = f"{mount.prefix}/{path.relative_to(mount.path).as_posix()}"
     return mount.s3.boto3_client().get_object(Bucket=mount.bucket, Key=key)["Body"].read()
