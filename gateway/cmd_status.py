@@ -85,6 +85,7 @@ def format_status(s: dict) -> str:
 
     rows = [
         ("mount", s["mountpoint"]),
+        *([("FAILSAFE", f"read-only: the journal cannot be written ({s['failsafe']})")] if s.get("failsafe") else []),
         ("bucket", f"s3://{s['bucket']}/{s['prefix']}".rstrip("/")),
         ("endpoint", s.get("endpoint_url") or "(default)"),
         ("cache dir", s["cache_dir"]),
@@ -101,12 +102,22 @@ def format_status(s: dict) -> str:
         ("uploaded", f"{human_bytes(s['uploaded_bytes_total'])} in {s['uploaded_files_total']} files"),
         ("retries / errors", f"{s['retries_total']} / {s['errors_total']}"),
         ("last error", s.get("last_error") or "-"),
+        ("background errors", f"{s.get('background_errors_total', 0)}"
+         + (f" (last: {s['last_background_error']})" if s.get("last_background_error") else "")),
     ]
     for key in ("cache_size_bytes", "evictable_bytes", "evictions_total", "backpressure_seconds_total"):
         if key in s:
             rows.append((key.replace("_", " "), s[key]))
+    rows += [("marker waiting", _commit_wait(w)) for w in s.get("commit_waits", [])]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _commit_wait(wait: dict) -> str:
+    """One marker held back: by files of its own scope here, or by other nodes (docs/CLUSTER.md)."""
+    if "waiting_for_local_files" in wait:
+        return f"{wait['marker']}: {wait['waiting_for_local_files']} local files first (e.g. {wait['example']})"
+    return f"{wait['marker']}: other nodes {json.dumps(wait.get('waiting_for_nodes', {}), sort_keys=True)}"
 
 
 def path_state(path: str) -> str:

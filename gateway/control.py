@@ -37,6 +37,7 @@ class Control:
         self.ops = None  # gateway.fs.Operations, for op counters
         self.backpressure = None  # gateway.space.SpaceGuard when a cache size is enforced
         self.reader = None  # gateway.reader.Reader: bytes fetched from the bucket
+        self.background = None  # gateway.daemon.BackgroundErrors: errors that escaped a background task
 
     async def commit_durable(self) -> None:
         """Make every journal commit so far survive power loss (fsync, fsyncdir)."""
@@ -117,12 +118,18 @@ class Control:
             # since a commit scope (a checkpoint) last became durable; since the mount if none has
             "newest_durable_checkpoint_age_s": round(now - (counters.newest_durable_scope_at or self.started_at), 3),
             "commit_waits": self.drain.commit_waits(),
+            "failsafe": self.journal.failed,  # why the journal cannot be written (the mount is read-only)
         }
+        if self.background is not None:
+            status["background_errors_total"] = self.background.count
+            status["last_background_error"] = self.background.last
         if self.backpressure is not None:
             status.update(self.backpressure.statistics())
         if self.reader is not None:
             status["fetched_bytes_total"] = self.reader.fetched_bytes
             status["digest_failures_total"] = self.reader.digest_failures
+            status["fetch_retries_total"] = self.reader.retries
+            status["fetch_errors_total"] = self.reader.errors
         if self.ops is not None:
             status["fuse_ops_total"] = dict(self.ops.op_counts)
         return status

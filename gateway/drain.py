@@ -525,7 +525,7 @@ class Drain:
         self.counters.uploaded_bytes += size
         self.counters.uploaded_files += 1
 
-    def _count_retry(self, exc: StoreError) -> None:
+    def _count_retry(self, exc: StoreError, attempt: int, delay_s: float) -> None:
         self.counters.retries += 1
 
     def _count_rate(self, size: int) -> None:
