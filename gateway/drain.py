@@ -29,7 +29,7 @@ from gateway.config import Config
 from gateway.drain_status import DrainCounters, PendingView, pending_view
 from gateway.errors import NoSuchKey, StoreError
 from gateway.journal import Journal
-from gateway.namespace import INODE_COLUMNS, ROOT_INODE, Attr, Namespace
+from gateway.namespace import ROOT_INODE, Attr, Namespace
 from gateway.objects import ObjectBook
 from gateway.publisher import Publisher, Superseded
 from gateway.retry import backoff_s
@@ -304,7 +304,7 @@ class Drain:
             return
         is_dir = self.ns.getattr(ino).is_dir
         key = path + "/" if is_dir else path
-        claim = {key, *self.book.keys_of(ino)}
+        claim = {key, *self.book.keys_of(ino), *([] if is_dir else self.ns.paths_of(ino))}
         if claim & self.busy_keys:
             return
         self.jobs[ino] = trio.CancelScope()
@@ -416,10 +416,11 @@ class Drain:
             etag = await self.publisher.put(key, lambda: (b"", None, None), self._metadata(attr, "", "dir"),
                                             self._priority_of(attr.id), lambda: None)
             self.book.record(key, attr.id, 0, "", etag, token[0])
-        self.book.orphan(attr.id, token[0], keep=key if want_marker else None)
+        self.book.orphan(attr.id, token[0], keep=(key,) if want_marker else ())
         self._finish(attr.id, token, None)
 
     async def _sync_file(self, attr: Attr, key: str) -> None:
+        """Publish the content at the canonical name, then at every other hard link's name."""
         token = self._token(attr.id)
         have = self.book.keys_of(attr.id)
         if attr.content_dirty or key not in have:
@@ -432,7 +433,14 @@ class Drain:
                 await self._put_bytes(attr, key, token, attr.target or b"", "symlink")
             else:
                 await self._upload(attr, key, token)
-        self.book.orphan(attr.id, token[0], keep=key)
+        links = self.ns.paths_of(attr.id)[1:]
+        for link in links:
+            if attr.content_dirty or link not in have:
+                self.book.intend(link, token[0])
+                await self.publisher.rescue_displaced(link, attr.id, token[0], self._priority_of(attr.id),
+                                                      lambda k: self._claim(attr.id, k))
+                await self._copy(attr, key, link, token)
+        self.book.orphan(attr.id, token[0], keep=(key, *links))
         self._finish(attr.id, token, attr)
 
     def _claim(self, ino: int, key: str) -> None:
@@ -448,14 +456,15 @@ class Drain:
             if not attr.cached:
                 raise
             log.warning("%s: the object to copy from (%s) is gone; uploading from the cache", key, source)
-            self.book.orphan(attr.id, token[0], keep=key)
+            self.book.orphan(attr.id, token[0], keep=(key,))
             await self._upload(attr, key, token)
 
     async def _copy(self, attr: Attr, source: str, key: str, token: tuple[int, int]) -> None:
         check = lambda: self._check_token(attr.id, token)  # noqa: E731
-        etag = await self.publisher.copy(source, key, attr.size, self._metadata(attr, attr.digest or "", "file"),
+        digest = self.ns.getattr(attr.id).digest or ""  # just uploaded, for a hard link's copy
+        etag = await self.publisher.copy(source, key, attr.size, self._metadata(attr, digest, "file"),
                                          self._priority_of(attr.id), check)
-        self.book.record(key, attr.id, attr.size, attr.digest or "", etag, token[0])
+        self.book.record(key, attr.id, attr.size, digest, etag, token[0])
         self.counters.copied_files += 1
 
     async def _upload(self, attr: Attr, key: str, token: tuple[int, int]) -> None:
@@ -516,7 +525,7 @@ class Drain:
         self.counters.uploaded_bytes += size
         self.counters.uploaded_files += 1
 
-    def _count_retry(self, exc: StoreError) -> None:
+    def _count_retry(self, exc: StoreError, attempt: int, delay_s: float) -> None:
         self.counters.retries += 1
 
     def _count_rate(self, size: int) -> None:
