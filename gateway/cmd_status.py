@@ -108,8 +108,16 @@ def format_status(s: dict) -> str:
     for key in ("cache_size_bytes", "evictable_bytes", "evictions_total", "backpressure_seconds_total"):
         if key in s:
             rows.append((key.replace("_", " "), s[key]))
+    rows += [("marker waiting", _commit_wait(w)) for w in s.get("commit_waits", [])]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _commit_wait(wait: dict) -> str:
+    """One marker held back: by files of its own scope here, or by other nodes (docs/CLUSTER.md)."""
+    if "waiting_for_local_files" in wait:
+        return f"{wait['marker']}: {wait['waiting_for_local_files']} local files first (e.g. {wait['example']})"
+    return f"{wait['marker']}: other nodes {json.dumps(wait.get('waiting_for_nodes', {}), sort_keys=True)}"
 
 
 def path_state(path: str) -> str:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import fcntl
 import faulthandler
+import fcntl
 import logging
 import os
 import signal
@@ -26,13 +26,13 @@ from gateway.cache import CacheFiles, UnsafeCacheDir, secure_cache_dir
 from gateway.config import Config, cache_size_bytes
 from gateway.control import DRAIN_STATUS_FILE, Control
 from gateway.drain import Drain
-from gateway.retry import retrying
 from gateway.errors import CliError, JournalError, StoreError
 from gateway.fs import Operations
 from gateway.journal import Journal
 from gateway.listing import BucketListing
 from gateway.namespace import Namespace
 from gateway.reader import Reader
+from gateway.retry import retrying
 from gateway.space import SpaceGuard
 from gateway.store import Store
 

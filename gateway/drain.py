@@ -110,6 +110,7 @@ class Drain:
         self._rate: collections.deque[tuple[float, int]] = collections.deque()
         self._wake = trio.Event()
         self._stopping = False
+        self._synced_changes = -1
         self.started_at = time.time()
         ns.on_change = self.wake
         ns.on_removed = self.cancel
@@ -144,7 +145,9 @@ class Drain:
             while not self._stopping:
                 self._wake = trio.Event()
                 began = time.monotonic()
-                self._schedule(nursery)
+                if self.journal.failed is None:  # failsafe: nothing more is sent (the mount is read-only)
+                    self._schedule(nursery)
+                    await self._schedule_deletes(nursery)
                 spent = time.monotonic() - began
                 with trio.move_on_after(self._tick_s()):
                     await self._wake.wait()
@@ -222,7 +225,6 @@ class Drain:
         for ino in plan.start:
             self._start(nursery, ino)
         self.publisher.reprioritize()
-        self._schedule_deletes(nursery, now)
 
     def _rows(self, now: float) -> list[scheduler.Row]:
         rows = []
@@ -540,12 +542,27 @@ class Drain:
 
     # ---- stale objects ---------------------------------------------------------------
 
-    def _schedule_deletes(self, nursery: trio.Nursery, now: float) -> None:
-        candidates = [key for key, _ in self.book.stale(SCAN_LIMIT)
-                      if key not in self.busy_keys and self.not_before.get(key, 0) <= now and not self.book.wanted(key)]
-        for key in scheduler.plan_deletes(candidates, self.rules):
+    async def _schedule_deletes(self, nursery: trio.Nursery) -> None:
+        """Delete stale objects, markers first. The journal is fsynced before: a delete is never
+        sent for a removal that a power loss could still undo (the object would be gone for good)."""
+        due = self._due_deletes(time.time())
+        if not due:
+            return
+        await self._sync_journal()
+        for key in self._due_deletes(time.time()):  # again: the namespace may have moved meanwhile
             self.busy_keys.add(key)
             nursery.start_soon(self._delete_stale, key)
+
+    def _due_deletes(self, now: float) -> list[str]:
+        candidates = [key for key, _ in self.book.stale(SCAN_LIMIT)
+                      if key not in self.busy_keys and self.not_before.get(key, 0) <= now and not self.book.wanted(key)]
+        return scheduler.plan_deletes(candidates, self.rules)
+
+    async def _sync_journal(self) -> None:
+        changes = self.journal.conn.total_changes
+        if changes != self._synced_changes:
+            await trio.to_thread.run_sync(self.journal.sync_wal)
+            self._synced_changes = changes
 
     async def _delete_stale(self, key: str) -> None:
         try:
