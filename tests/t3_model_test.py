@@ -58,11 +58,9 @@ OPEN_MODES = {  # O_NONBLOCK: no effect on files; a FIFO opens at once (or ENXIO
     "x": os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NONBLOCK,
     "rw": os.O_RDWR | os.O_CREAT | os.O_NONBLOCK,
 }
-# The drain publishes every name of a hard-linked file, but also held (temporary) names, and holds
-# all names while the oldest is held. Until that is fixed, examples that made a hard link skip the
-# bucket checks; the strict-xfail tests t3_posix_test.test_a_hard_link_under_a_temporary_name_is_not_an_object
-# and test_a_final_hard_link_of_a_held_file_is_published say when this can become True.
-EVERY_NAME_PUBLISHED = False
+# The drain publishes every name of a hard-linked file that is not a temporary name, so examples that
+# made a hard link get the bucket checks too (set False to skip them while debugging the drain).
+EVERY_NAME_PUBLISHED = True
 
 _libc = ctypes.CDLL(None, use_errno=True)
 

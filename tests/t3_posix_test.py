@@ -299,7 +299,6 @@ def test_every_hard_link_is_an_object(mount, d):
     assert bucket_keys_below(mount, d, {"g"}) == {"g"}
 
 
-@pytest.mark.xfail(strict=True, reason="drain: every name in Namespace.paths_of is published, also a held one")
 def test_a_hard_link_under_a_temporary_name_is_not_an_object(mount, d):
     (d / "f").write_bytes(b"x")
     os.link(d / "f", d / "f.tmp")
@@ -307,8 +306,6 @@ def test_a_hard_link_under_a_temporary_name_is_not_an_object(mount, d):
     assert bucket_keys_below(mount, d, {"f"}, timeout=5) == {"f"}
 
 
-@pytest.mark.xfail(strict=True, reason="drain: a file whose canonical (oldest) name is held is held under all "
-                   "its names; the names that are not held must be published")
 def test_a_final_hard_link_of_a_held_file_is_published(mount, d):
     (d / "f.tmp").write_bytes(b"x")
     os.link(d / "f.tmp", d / "f")
