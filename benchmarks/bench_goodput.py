@@ -10,7 +10,8 @@ tests/support/faultproxy.FaultProxy capped at --bandwidth-mbps 16 MB/s per direc
 the local disk. The same training loop runs under each strategy for --seconds (one window each,
 order rotated per round with --rounds > 1):
 
-  ckptfs   ContinuousCheckpointer(<mount>/run, save=Continuous(), keep=LatestN(--keep 3)) on a real ckptfs
+  ckptfs   ContinuousCheckpointer(<mount>/run, save=Continuous(min_interval_s=--min-interval-s 0),
+           keep=LatestN(--keep 3)) on a real ckptfs
            mount whose drain goes through the capped proxy; acknowledged by the local write.
   upload   upload-acknowledged continuous saving: host snapshot, then torch.save into memory and
            boto3 upload_fileobj (16 MiB parts x 8) through the same proxy; the next save starts at
@@ -154,7 +155,8 @@ def run_window(name: str, args, trainer: Trainer, server, proxy: FaultProxy, buc
         extra["settled_complete"] = len(sampler.bucket_state()[0])
         extra["settle_s"] = 0.0
     else:
-        save = Continuous() if name == "ckptfs" else FixedInterval(steps=args.fixed_steps)
+        save = (Continuous(min_interval_s=args.min_interval_s) if name == "ckptfs"
+                else FixedInterval(steps=args.fixed_steps))
         with Mount(_ProxyEndpoint(proxy), base, bucket=bucket, prefix=prefix) as m:
             ckpt = ContinuousCheckpointer(m.mnt / "run", save=save, keep=LatestN(args.keep))
             local = lambda: ckpt.statistics().last_local_step  # noqa: E731
@@ -233,6 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--bandwidth-mbps", type=float, default=16, help="endpoint cap, MB/s per direction (default 16)")
     ap.add_argument("--warmup-s", type=float, default=10, help="no samples before this (default 10)")
     ap.add_argument("--keep", type=int, default=3, help="every strategy keeps the newest N (default 3)")
+    ap.add_argument("--min-interval-s", type=float, default=0.0,
+                    help="ckptfs strategy: Continuous(min_interval_s=) floor between saves (default 0)")
     ap.add_argument("--fixed-steps", type=int, default=50, help="K of the fixed strategy (default 50)")
     ap.add_argument("--settle-s", type=float, default=60,
                     help="after each ckptfs/fixed window, wait this long for the bucket to settle (default 60)")
@@ -281,7 +285,8 @@ def main(argv: list[str] | None = None) -> dict:
     print_table(headers, rows)
     return emit({"module": MODULE, "state_bytes": trainer.state_bytes, "step_s": args.step_s,
                  "bandwidth_bytes_per_s": int(args.bandwidth_mbps * 1e6), "seconds": args.seconds,
-                 "warmup_s": args.warmup_s, "keep": args.keep, "fixed_steps": args.fixed_steps, "rounds": args.rounds,
+                 "warmup_s": args.warmup_s, "keep": args.keep, "fixed_steps": args.fixed_steps,
+                 "min_interval_s": args.min_interval_s, "rounds": args.rounds,
                  "results": results})
 
 

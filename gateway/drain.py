@@ -299,7 +299,7 @@ class Drain:
                 continue
             if not scope.by_marker:
                 self.journal.execute("DELETE FROM scopes WHERE root=?", (root,))  # done: nothing pending
-            if self.ns.path_of(root) is not None:
+            if self._finished_in_place(scope):
                 sel.newest_durable_seq = max(sel.newest_durable_seq or 0, scope.committed_seq)
                 self.counters.newest_durable_scope_at = now
                 log.log(logging.INFO if scope.by_marker else logging.DEBUG, "checkpoint %s is durable", scope.path or "/")
@@ -308,6 +308,13 @@ class Drain:
         sel.superseded_since = {root: sel.superseded_since.get(root, now) for root, scope in plan.scopes.items()
                                 if scope.committed_seq < floor}
         self.priority = plan.priority
+
+    def _finished_in_place(self, scope: scheduler.Scope) -> bool:
+        """Whether a scope with nothing pending any more became durable, rather than deleted: a
+        marker scope keeps its marker (retention unlinks COMMIT first, so a checkpoint being deleted
+        loses its scope while its directory is still there), a rename scope its root."""
+        ino = scope.marker if scope.by_marker and scope.marker is not None else scope.root
+        return self.ns.path_of(ino) is not None
 
     def _release_old_names(self, ino: int, mode: int, gen: int) -> None:
         """A published file or directory renamed to a temporary name: its objects under the old

@@ -53,6 +53,7 @@ class Scope:
     path: str
     committed_seq: int
     by_marker: bool       # a marker commits it (else a rename into place)
+    marker: int | None = None  # the newest pending marker's inode (marker scopes)
 
 
 @dataclasses.dataclass
@@ -99,8 +100,9 @@ def _committed_scopes(rows: Sequence[Row], rename_scopes: Mapping[int, int], rul
         if r.ready_seq is None or r.held or r.is_dir or not r.ancestors or not rules.is_marker(r.path):
             continue
         root = r.ancestors[0]
-        seq = max(r.ready_seq, scopes[root].committed_seq if root in scopes else 0)
-        scopes[root] = Scope(root, r.path.rpartition("/")[0], seq, by_marker=True)
+        if root in scopes and scopes[root].committed_seq >= r.ready_seq:
+            continue
+        scopes[root] = Scope(root, r.path.rpartition("/")[0], r.ready_seq, by_marker=True, marker=r.ino)
     marker_dirs = set(scopes)
     for r in rows:
         if marker_dirs.intersection(r.ancestors):

@@ -69,6 +69,21 @@ def test_marker_does_not_wait_for_held_or_still_written_files():
     assert marker in plan(t.rows, {}, RULES).start
 
 
+def test_a_marker_scope_names_its_newest_marker():
+    """The drain counts a finished marker scope durable only while that marker is still linked:
+    retention unlinks COMMIT first, and a checkpoint being deleted is not a durable one."""
+    t = Tree()
+    t.file("step_1/state.pt", 1)
+    t.file("step_1/COMMIT", 2)
+    newer = t.file("step_1/.metadata", 5)  # a second marker name in the same directory
+    t.file("step_2/state.pt", 3)
+    marker2 = t.file("step_2/COMMIT", 4)
+    scopes = plan(t.rows, {}, RULES).scopes
+    assert scopes[t.dirs["step_1"]].marker == newer and scopes[t.dirs["step_1"]].committed_seq == 5
+    assert scopes[t.dirs["step_2"]].marker == marker2 and scopes[t.dirs["step_2"]].by_marker
+    assert plan(t.rows, {t.dirs["step_2"]: 9}, RULES).scopes[t.dirs["step_2"]].marker == marker2
+
+
 def test_newest_committed_scope_is_selected_and_keeps_its_rank():
     t = Tree()
     old = [t.file(f"step_1/s{i}", i) for i in range(2)]
