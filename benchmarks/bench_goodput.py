@@ -217,6 +217,7 @@ def summarize(name: str, windows: list[dict]) -> dict:
         "settled_complete": [w.get("settled_complete") for w in windows],
         "settle_s": [round(w.get("settle_s", 0), 1) for w in windows],
         "superseded": sum(w.get("superseded", 0) for w in windows),
+        "mb_up": [round(w["mb_up"], 1) for w in windows if "mb_up" in w],  # through the proxy (mounts)
         "mean_stall_s": mean([x for w in windows for x in w["stalls_s"]]),
         "steps": sum(w["last_step"] - w["first_step"] for w in windows),
         "load1": [round(w["load1"], 2) for w in windows],
