@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from pathlib import Path
 
 from tests.bucket_watch import BucketWatcher
 from tests.conftest import ckptfs_cli
@@ -70,6 +71,28 @@ def test_pending_checkpoint_deleted_locally_never_reaches_the_bucket(proxy, make
     assert not seen, f"a cancelled checkpoint was visible: {seen}"
     assert set(m.keys()) == {"step_2/shard", "step_2/COMMIT"}
     assert m.status()["errors_total"] == 0
+
+
+def test_checkpoint_deleted_marker_first_is_not_taken_for_durable(proxy, make_mount):
+    """Retention unlinks COMMIT first, then the rest: while the directory and its data are still
+    there, the drain neither logs the checkpoint durable nor resets the newest durable one's age."""
+    m = make_mount(endpoint_url=proxy.endpoint_url, options=("--drain-delay", "0", "--part-size", "5MiB"))
+    proxy.set_bandwidth(2 * MiB)
+    (m.path / "step_1").mkdir()
+    write_file(m.path / "step_1" / "shard", os.urandom(24 * MiB), fsync=False)
+    write_file(m.path / "step_1" / "COMMIT", b"{}", fsync=False)
+    wait_until(lambda: m.status()["commit_waits"], 30, "step_1/COMMIT waiting for its shard")
+    age_before = m.status()["newest_durable_checkpoint_age_s"]
+    os.unlink(m.path / "step_1" / "COMMIT")
+    time.sleep(1.5)  # drain passes with step_1/ and its shard still there
+    assert m.status()["newest_durable_checkpoint_age_s"] >= age_before + 1.0
+    log_path = Path(m.cache_dir) / "ckptfs.log"
+    assert "checkpoint step_1 is durable" not in log_path.read_text()
+    shutil.rmtree(m.path / "step_1")
+    proxy.set_bandwidth(None)
+    m.wait(timeout=60)
+    assert "checkpoint step_1 is durable" not in log_path.read_text()
+    assert not m.keys(), m.keys()
 
 
 def test_wait_covers_the_delete_of_an_old_name(proxy, make_mount):
