@@ -32,13 +32,15 @@ def register(subparsers) -> None:
     p.add_argument("--foreground", action="store_true", default=None, help="stay in the foreground")
     p.add_argument("--allow-other", action="store_true", default=None, help="let other users use the mount")
     p.add_argument("--config", help="TOML config file (default /etc/ckptfs/ckptfs.toml)")
-    p.add_argument("--drain-delay", dest="drain_delay_s", type=float, help="seconds a closed file stays quiet before upload")
+    p.add_argument("--drain-delay", dest="drain_delay_s", type=float,
+                   help="seconds a closed file stays quiet before upload")
     p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float, help="seconds to drain on unmount/SIGTERM")
     p.add_argument("--no-drain", action="store_true", default=None, help="exit at unmount without draining")
     p.add_argument("--part-size", dest="part_size_bytes", help="multipart part size, e.g. 16MiB")
     p.add_argument("--upload-concurrency", type=int, help="parts uploaded in parallel")
     p.add_argument("--hold-pattern", dest="hold_patterns", action="append", help="temporary-name pattern (repeatable)")
-    p.add_argument("--hold-limit", dest="hold_limit_s", type=float, help="seconds before a held file is uploaded anyway")
+    p.add_argument("--hold-limit", dest="hold_limit_s", type=float,
+                   help="seconds before a held file is uploaded anyway")
     p.add_argument("--marker-pattern", dest="marker_patterns", action="append",
                    help="commit-marker name pattern (repeatable; replaces the defaults)")
     p.add_argument("--pointer-pattern", dest="pointer_patterns", action="append",
@@ -64,7 +66,8 @@ def register(subparsers) -> None:
 
 FLAG_FIELDS = ("cache_dir", "endpoint_url", "region", "foreground", "allow_other", "drain_delay_s",
                "drain_timeout_s", "no_drain", "part_size_bytes", "upload_concurrency", "put_concurrency",
-               "hold_patterns", "marker_patterns", "pointer_patterns", "hold_limit_s", "cache_size", "metadata_ttl_s", "backpressure_timeout_s", "metrics_addr", "log_level", "log_file")
+               "hold_patterns", "marker_patterns", "pointer_patterns", "hold_limit_s", "cache_size", "metadata_ttl_s",
+               "backpressure_timeout_s", "metrics_addr", "log_level", "log_file")
 
 
 def build_config(args: argparse.Namespace) -> configuration.Config:

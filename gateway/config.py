@@ -15,7 +15,8 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from gateway.scopes import DEFAULT_HOLD_PATTERNS, DEFAULT_MARKER_PATTERNS, DEFAULT_POINTER_PATTERNS
 
@@ -173,7 +174,7 @@ def _coerce(key: str, value: Any, source: str = "") -> Any:
             return False
         raise bad("true or false")
     if kind in ("int", "float"):
-        if isinstance(value, bool) or isinstance(value, (list, dict)):
+        if isinstance(value, (bool, list, dict)):
             raise bad("an integer" if kind == "int" else "a number")
         try:
             number = int(value) if kind == "int" else float(value)

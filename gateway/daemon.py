@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import pyfuse3
 import trio

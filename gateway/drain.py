@@ -302,7 +302,8 @@ class Drain:
             if self.ns.path_of(root) is not None:
                 sel.newest_durable_seq = max(sel.newest_durable_seq or 0, scope.committed_seq)
                 self.counters.newest_durable_scope_at = now
-                log.log(logging.INFO if scope.by_marker else logging.DEBUG, "checkpoint %s is durable", scope.path or "/")
+                log.log(logging.INFO if scope.by_marker else logging.DEBUG, "checkpoint %s is durable",
+                        scope.path or "/")
         sel.selected, sel.prefer_old, sel.last_plan = plan.selected, plan.prefer_old, plan
         floor = sel.newest_durable_seq if sel.newest_durable_seq is not None else -1
         sel.superseded_since = {root: sel.superseded_since.get(root, now) for root, scope in plan.scopes.items()

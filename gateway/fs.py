@@ -14,7 +14,7 @@ import itertools
 import logging
 import os
 import stat
-from typing import Callable
+from collections.abc import Callable
 
 import pyfuse3
 
@@ -67,7 +67,7 @@ def fuse_errors(handler: Callable) -> Callable:
 
 
 class Handle:
-    __slots__ = ("ino", "writable", "append")
+    __slots__ = ("append", "ino", "writable")
 
     def __init__(self, ino: int, writable: bool, append: bool):
         self.ino = ino

@@ -19,7 +19,7 @@ import importlib
 import os
 import sys
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from gateway.config import LIST_OPTIONS, Config, env_name
 

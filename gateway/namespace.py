@@ -12,7 +12,7 @@ import errno
 import logging
 import stat
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import xxhash
 

@@ -39,7 +39,7 @@ class DrainProgress:
         self._task = None
         self._start_uploaded: int | None = None
 
-    def __enter__(self) -> "DrainProgress":
+    def __enter__(self) -> DrainProgress:
         if self.enabled:
             from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn

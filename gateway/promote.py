@@ -177,7 +177,7 @@ def promoted(target: Target) -> tuple[dict[str, int], set[str]]:
     with s3ops.s3_errors(f"listing s3://{target.bucket}/{target.key}"):
         objects = objects_of(s3, target)
         with ThreadPoolExecutor(WORKERS) as pool:
-            keeps = dict(zip(objects, pool.map(lambda k: get_keep(s3, target.bucket, k), objects)))
+            keeps = dict(zip(objects, pool.map(lambda k: get_keep(s3, target.bucket, k), objects), strict=True))
     return objects, {k for k, keep in keeps.items() if keep == "true"}
 
 

@@ -27,7 +27,7 @@ Nothing here touches the journal, the clock or the network; tests/test_scheduler
 from __future__ import annotations
 
 import dataclasses
-from typing import AbstractSet as Set, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 
 from gateway.scopes import ScopeRules
 

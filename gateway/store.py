@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import botocore.auth
 import botocore.exceptions
@@ -122,7 +122,7 @@ class Store:
         self._stack = contextlib.AsyncExitStack()
         self.client = None
 
-    async def __aenter__(self) -> "Store":
+    async def __aenter__(self) -> Store:
         session = get_session()
         self.client = await self._stack.enter_async_context(
             session.create_client("s3", endpoint_url=self.endpoint_url, region_name=self.region or "us-east-1",

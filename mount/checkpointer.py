@@ -36,7 +36,8 @@ import statistics as stats_lib
 import threading
 import time
 import weakref
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -521,15 +522,13 @@ class ContinuousCheckpointer:
         limit = getattr(self._save_policy, "max_not_durable", None)
         if limit is None:
             return False
-        behind = 0
         try:
             steps = self.steps()
         except OSError:
             return False  # let the save itself fail and report why
-        for step in reversed(steps):
+        for behind, step in enumerate(reversed(steps), start=1):
             if self._durable_step(step):
                 break
-            behind += 1
             if behind > limit:
                 return True
         return False
@@ -641,7 +640,7 @@ class ContinuousCheckpointer:
         except Exception:
             log.exception("the last checkpoint save failed")
 
-    def __enter__(self) -> "ContinuousCheckpointer":
+    def __enter__(self) -> ContinuousCheckpointer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

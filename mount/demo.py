@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -248,7 +249,7 @@ def run_demo(ckpt_root: str, *, seconds: float = 60, state_mb: int = 256, live: 
         drain_s = time.monotonic() - t_end
 
     st = ckpt.statistics()
-    intervals = [b - a for a, b in zip(saved_steps, saved_steps[1:])]
+    intervals = [b - a for a, b in itertools.pairwise(saved_steps)]
     summary = {
         "checkpoints_saved": st.saves_committed,
         "steps": step,

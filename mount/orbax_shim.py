@@ -26,7 +26,8 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -63,7 +64,7 @@ class PreserveNewestDurable:
     def plan(self, checkpoints: Sequence[Any], *, context: Any = None) -> RetentionPlan:
         """The retention decision over Orbax's checkpoints (`policies.plan_retention`)."""
         inner = self.inner.should_preserve(checkpoints, context=context)
-        kept = {c.step for c, keep in zip(checkpoints, inner) if keep}
+        kept = {c.step for c, keep in zip(checkpoints, inner, strict=True) if keep}
         self.durable_seen &= {c.step for c in checkpoints}
         infos = sorted((CheckpointInfo(c.step, 0.0) for c in checkpoints), key=lambda i: i.step)
         return plan_retention(infos, lambda _: kept, self.is_durable)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,10 +112,10 @@ class KeepPolicy:
         What only `LatestN` keeps is dropped soon anyway, so it waits until nothing newer is pending."""
         return self.keep(infos)
 
-    def __or__(self, other) -> "AnyOf":
+    def __or__(self, other) -> AnyOf:
         return AnyOf(self, other)
 
-    def __ror__(self, other) -> "AnyOf":
+    def __ror__(self, other) -> AnyOf:
         return AnyOf(other, self)
 
 
