@@ -133,12 +133,12 @@ def run_foreground(config: configuration.Config, ready_fd: int | None = None) ->
 
 
 def start_background(config: configuration.Config, timeout_s: float = 120) -> int:
-    if not config.log_file:
-        config = dataclasses.replace(config, log_file=str(Path(config.cache_dir) / "ckptfs.log"))
+    log_file = config.log_file or str(Path(config.cache_dir) / "ckptfs.log")
+    config = dataclasses.replace(config, log_file=log_file)
     read_fd, write_fd = os.pipe()
     cmd = [sys.executable, "-m", "gateway.cmd_mount", "--daemon", json.dumps(dataclasses.asdict(config)),
            str(write_fd)]
-    log_fd = open_private_log(config.log_file)
+    log_fd = open_private_log(log_file)
     proc = subprocess.Popen(cmd, pass_fds=(write_fd,), start_new_session=True, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=log_fd)
     os.close(log_fd)

@@ -207,8 +207,8 @@ def _from_toml(path: Path) -> dict[str, Any]:
             raise ConfigError(f"{path}: unknown section [{section}] (known: {', '.join(SECTIONS)})")
         for key, value in body.items():
             if key not in SECTIONS[section]:
-                home = [s for s, keys in SECTIONS.items() if key in keys]
-                hint = f" (it belongs in [{home[0]}])" if home else _did_you_mean(key)
+                homes = [s for s, keys in SECTIONS.items() if key in keys]
+                hint = f" (it belongs in [{homes[0]}])" if homes else _did_you_mean(key)
                 raise ConfigError(f"{path}: unknown key {section}.{key}{hint}")
             values[key] = value
     return values

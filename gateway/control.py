@@ -17,11 +17,18 @@ import errno
 import json
 import os
 import time
+from typing import TYPE_CHECKING
 
 import trio
 
 from gateway.errors import FsError
 from gateway.namespace import ROOT_INODE
+
+if TYPE_CHECKING:  # annotations only: gateway.daemon imports this module
+    from gateway.daemon import BackgroundErrors
+    from gateway.fs import Operations
+    from gateway.reader import Reader
+    from gateway.space import SpaceGuard
 
 DRAIN_STATUS_FILE = "drain-status.json"
 
@@ -34,10 +41,10 @@ class Control:
         self.journal = journal
         self.config = config
         self.started_at = started_at or time.time()
-        self.ops = None  # gateway.fs.Operations, for op counters
-        self.backpressure = None  # gateway.space.SpaceGuard when a cache size is enforced
-        self.reader = None  # gateway.reader.Reader: bytes fetched from the bucket
-        self.background = None  # gateway.daemon.BackgroundErrors: errors that escaped a background task
+        self.ops: Operations | None = None  # for op counters
+        self.backpressure: SpaceGuard | None = None  # when a cache size is enforced
+        self.reader: Reader | None = None  # bytes fetched from the bucket
+        self.background: BackgroundErrors | None = None  # errors that escaped a background task
 
     async def commit_durable(self) -> None:
         """Make every journal commit so far survive power loss (fsync, fsyncdir)."""

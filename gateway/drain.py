@@ -367,7 +367,7 @@ class Drain:
         plan = self.selection.last_plan
         if plan is None:
             return []
-        out = []
+        out: list[dict] = []
         for ino, deps in plan.waiting.items():
             if self.rules.is_marker(self.ns.path_of(ino) or ""):
                 out.append({"marker": self.ns.path_of(ino), "waiting_for_local_files": len(deps),

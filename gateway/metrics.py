@@ -95,8 +95,8 @@ class StatsCollector(Collector):
                 value = DEFAULTS.get(key)
             if value is None:
                 continue
-            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
-            yield family(name, doc, value=float(value))
+            metric_class = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            yield metric_class(name, doc, value=float(value))
         ops = stats.get("fuse_ops_total")
         if ops:
             family = CounterMetricFamily("ckptfs_fuse_ops", "FUSE requests by operation", labels=["op"])

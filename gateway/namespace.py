@@ -81,7 +81,7 @@ class OpenState:
     size: int | None = None   # current size while writes are pending in memory
     mtime_ns: int | None = None
     written: bool = False     # written since the journal last recorded size and mtime
-    hasher: object = None     # xxh3-128 of the content, while it is written strictly sequentially from 0
+    hasher: xxhash.xxh3_128 | None = None  # xxh3-128 of the content, while it is written strictly sequentially from 0
     hashed: int = 0           # bytes fed to `hasher`
 
 
@@ -274,6 +274,7 @@ class Namespace:
                  int(not local_only), int(local_only), ready, gen, time.time()),
             )
             ino = cur.lastrowid
+            assert ino is not None  # set by the INSERT above
             self.journal.execute(
                 "INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)", (parent, name, ino)
             )
@@ -421,7 +422,8 @@ class Namespace:
         if exchange:
             if target is None:
                 raise FsError(errno.ENOENT)
-            return self._exchange(old_parent, old_name, ino, new_parent, new_name, target)
+            self._exchange(old_parent, old_name, ino, new_parent, new_name, target)
+            return None
         if target == ino:
             return None
         target_attr = None if target is None else self.getattr(target)
@@ -711,6 +713,7 @@ class Namespace:
                 (mode, self.owner[0], self.owner[1], size, t, t, t, 2 if is_dir else 1, 1 if is_dir else 0),
             )
             ino = cur.lastrowid
+            assert ino is not None  # set by the INSERT above
             self.journal.execute("INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)", (parent, name, ino))
             if is_dir:
                 self._add_subdirs(parent, 1)

@@ -204,7 +204,7 @@ def compact(objects: dict[str, int], kept: set[str]) -> list[tuple[str, int, int
     return sorted(out)
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -11,6 +11,7 @@ import contextlib
 import io
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import botocore.auth
 import botocore.exceptions
@@ -120,7 +121,7 @@ class Store:
             request_checksum_calculation="when_required",
         )
         self._stack = contextlib.AsyncExitStack()
-        self.client = None
+        self.client: Any = None  # the aiobotocore S3 client (no stubs), from __aenter__ on
 
     async def __aenter__(self) -> Store:
         session = get_session()

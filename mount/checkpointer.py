@@ -149,7 +149,11 @@ class ContinuousCheckpointer:
         if self._rank == 0:
             self._watcher.start()
         ref = weakref.ref(self)
-        self._atexit = lambda: (c := ref()) is not None and c._close_quietly()
+
+        def close_at_exit() -> None:
+            if (c := ref()) is not None:
+                c._close_quietly()
+        self._atexit = close_at_exit
         atexit.register(self._atexit)
 
     # ------------------------------------------------------------ saving

@@ -58,7 +58,7 @@ def state_digest(state: Any) -> str:
         if isinstance(obj, torch.Tensor):
             t = obj.detach().cpu().contiguous()
             h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]  # ndarray is a buffer; numpy stubs lack it
         elif isinstance(obj, dict):
             for k in sorted(obj, key=str):
                 h.update(f"K{k!r}".encode())

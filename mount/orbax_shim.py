@@ -129,8 +129,8 @@ class ContinuousCheckpointManager(ocp.CheckpointManager):
                  durability_poll_s: float = 0.5, **kwargs: Any):
         super().__init__(directory, options=options, **kwargs)
         self._preserve: PreserveNewestDurable = options.preservation_policy
-        self._checkpoint_deleter = MarkerFirstDeleter(self._checkpoint_deleter, self._preserve.directory,
-                                                      self._preserve.step_name)
+        self._checkpoint_deleter: MarkerFirstDeleter = MarkerFirstDeleter(
+            self._checkpoint_deleter, self._preserve.directory, self._preserve.step_name)
         self._poll_s = durability_poll_s
         self._next_poll = 0.0
         self._newest_durable: int | None = None

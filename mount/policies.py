@@ -131,7 +131,7 @@ class AnyOf(KeepPolicy):
             if not callable(p):
                 raise TypeError(f"a retention policy must be callable, got {p!r}")
             flat.extend(p.policies if isinstance(p, AnyOf) else [p])
-        self.policies = tuple(flat)
+        self.policies: tuple[KeepPolicy | KeepFn, ...] = tuple(flat)
 
     def keep(self, infos):
         kept: set[int] = set()
