@@ -114,6 +114,7 @@ class Namespace:
         # inode -> its names (parent, name), oldest first; the first is the canonical one (path_of),
         # also kept in entry_of: inode -> canonical (parent, name)
         self.names_of: dict[int, list[tuple[int, bytes]]] = {}
+        self.renames = 0  # bumped whenever an existing inode's names change (rename, link, unlink)
         self.entry_of: dict[int, tuple[int, bytes]] = {}
         self.written_digests: dict[int, tuple[str, int]] = {}  # inode -> (xxh3, size) hashed while written
         self.purge_listeners: list[Callable[[int], None]] = []  # per-inode state elsewhere, dropped on purge
@@ -394,6 +395,8 @@ class Namespace:
 
     def _names_changed(self, ino: int) -> None:
         """Keep `entry_of` (the canonical name of each inode) in step with `names_of`."""
+        if ino in self.entry_of:
+            self.renames += 1  # an existing inode's names changed: paths below it may have too
         names = self.names_of.get(ino)
         if names:
             self.entry_of[ino] = names[0]
