@@ -331,6 +331,15 @@ def cpu_seconds(pid: int) -> float:
     return t.user + t.system
 
 
+def main_thread_cpu_seconds(pid: int) -> float:
+    """CPU seconds of the process's main thread: the one that serves FUSE requests in the daemon."""
+    import psutil
+    for t in psutil.Process(pid).threads():
+        if t.id == pid:
+            return t.user_time + t.system_time
+    return float("nan")
+
+
 def run_main(main: Callable[[list[str] | None], dict]) -> None:
     try:
         main(None)

@@ -16,6 +16,9 @@ import trio
 
 log = logging.getLogger(__name__)
 
+# Writes at least this large go to a worker thread; smaller ones cost less than the thread hop.
+THREADED_WRITE_BYTES = 64 * 1024
+
 
 @dataclasses.dataclass(frozen=True)
 class CacheStatistics:
@@ -65,11 +68,15 @@ class CacheFiles:
     def fd(self, ino: int) -> int:
         return self._fds[ino][0]
 
-    def write(self, ino: int, offset: int, data: bytes) -> int:
+    async def write(self, ino: int, offset: int, data: bytes) -> int:
+        """pwrite to the data file. Large writes run in a worker thread, so the FUSE thread reads the
+        next request meanwhile (the copy into the page cache is most of a write's cost)."""
         fd = self.fd(ino)
-        before = os.fstat(fd).st_blocks
-        written = os.pwrite(fd, data, offset)
-        self.used_bytes += (os.fstat(fd).st_blocks - before) * 512
+        if len(data) < THREADED_WRITE_BYTES:
+            written, grown = _pwrite(fd, data, offset)
+        else:
+            written, grown = await trio.to_thread.run_sync(_pwrite, fd, data, offset)
+        self.used_bytes += grown
         return written
 
     def read(self, ino: int, offset: int, size: int) -> bytes:
@@ -108,6 +115,13 @@ class CacheFiles:
 
     def statistics(self) -> CacheStatistics:
         return CacheStatistics(used_bytes=self.used_bytes, open_files=len(self._fds))
+
+
+def _pwrite(fd: int, data: bytes, offset: int) -> tuple[int, int]:
+    """(bytes written, bytes of disk the file grew by)."""
+    before = os.fstat(fd).st_blocks
+    written = os.pwrite(fd, data, offset)
+    return written, (os.fstat(fd).st_blocks - before) * 512
 
 
 def is_disk_full(exc: OSError) -> bool:

@@ -34,7 +34,11 @@ from gateway.space import SpaceGuard
 from gateway.store import Store
 
 log = logging.getLogger(__name__)
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+M_TRIM_THRESHOLD = -1  # glibc mallopt parameters
+M_MMAP_THRESHOLD = -3
+# Above one FUSE write request (1 MiB of data plus its header), below an upload part (>= 5 MiB).
+MMAP_THRESHOLD_BYTES = 4 << 20
+TRIM_THRESHOLD_BYTES = 8 << 20
 MOUNT_ATTEMPTS = 4  # bucket check and listing at mount: ~3.5 s of retries before a one-line error
 
 
@@ -231,10 +235,15 @@ def pin_mmap_threshold() -> None:
 
     glibc raises its mmap threshold after large frees, after which 16 MiB part buffers come from the
     heap and stay there: peak RSS while draining 4 GiB was 455 MiB, 230 MiB with the threshold
-    pinned at 1 MiB (docs/PERFORMANCE.md, bench_rss).
+    pinned at 1 MiB (docs/PERFORMANCE.md, bench_rss). Pinned at 4 MiB, with the heap trimmed only
+    above 8 MiB free, the 1 MiB buffer pyfuse3 copies each write request into is reused from the
+    heap instead of being mmap'd, page-faulted and unmapped per request (most of the FUSE thread's
+    CPU time per GiB written).
     """
     try:
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
     except (OSError, AttributeError):
         log.debug("mallopt not available; RSS may stay higher after large uploads")
 

@@ -16,8 +16,9 @@ import stat
 from typing import Callable
 
 import pyfuse3
+import trio
 
-from gateway.cache import CacheFiles, is_disk_full
+from gateway.cache import THREADED_WRITE_BYTES, CacheFiles, is_disk_full
 from gateway.errors import FsError
 from gateway.namespace import Attr, Namespace
 
@@ -80,6 +81,7 @@ class Operations(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self._fh_counter = itertools.count(1)
         self.op_counts: dict[str, int] = {}
+        self._write_locks: dict[int, trio.Lock] = {}  # inodes with a write in a worker thread
 
     # ---- attributes ----------------------------------------------------------------------
 
@@ -275,11 +277,34 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def write(self, fh, off, buf):
-        handle = self.handles[fh]
+        ino = self.handles[fh].ino
+        lock = self._write_locks.get(ino)
+        if lock is None and len(buf) < THREADED_WRITE_BYTES and not self._must_wait_for_room(len(buf)):
+            return await self._write_in_order(ino, off, buf)  # no await inside: already in order
+        if lock is None:
+            lock = self._write_locks[ino] = trio.Lock()
+        try:
+            async with lock:  # FIFO: one file's writes land (and are hashed) in the order they came
+                return await self._write_in_order(ino, off, buf)
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._write_locks.pop(ino, None)
+
+    def _must_wait_for_room(self, nbytes: int) -> bool:
+        return self.space is not None and not self.space.fits(nbytes)
+
+    async def _write_in_order(self, ino: int, off: int, buf: bytes) -> int:
+        """Journal the change (intent) and track size and digest, then write the data file."""
         if self.space is not None:
             await self.space.reserve(len(buf))
-        written = self.cache.write(handle.ino, off, buf)
-        self.ns.note_write(handle.ino, off, buf if written == len(buf) else buf[:written])
+        self.ns.note_write(ino, off, buf)
+        try:
+            written = await self.cache.write(ino, off, buf)
+        except BaseException:
+            self.ns.write_failed(ino, self.cache.size_of(ino) or 0)
+            raise
+        if written != len(buf):
+            self.ns.write_failed(ino, self.cache.size_of(ino) or 0)
         return written
 
     @fuse_errors

@@ -395,13 +395,21 @@ class Namespace:
         self.on_change()
 
     def note_write(self, ino: int, offset: int, data: bytes) -> None:
-        """A write reached the cache file: track size and mtime in memory, journal the first one."""
+        """A write is about to reach the cache file: journal the first one (before the data file
+        changes), track size, mtime and the running digest in memory."""
         state = self.open.setdefault(ino, OpenState())
         current = state.size if state.size is not None else self.getattr(ino).size
         self._hash_write(state, current, offset, data)
         state.size = max(current, offset + len(data))
         state.mtime_ns = now_ns()
         self.content_changed(ino)
+
+    def write_failed(self, ino: int, size: int) -> None:
+        """A noted write did not land whole: the data file's `size` is the truth, the digest is void."""
+        state = self.open.get(ino)
+        if state is not None:
+            state.size = size
+            state.hasher = None
 
     @staticmethod
     def _hash_write(state: OpenState, size_before: int, offset: int, data: bytes) -> None:

@@ -44,6 +44,10 @@ class SpaceGuard:
     def touch(self, ino: int) -> None:
         self.last_used[ino] = time.monotonic()
 
+    def fits(self, nbytes: int) -> bool:
+        """Whether `reserve(nbytes)` returns without waiting."""
+        return self.cache.used_bytes + nbytes <= self.limit_bytes
+
     async def reserve(self, nbytes: int) -> None:
         """Return once `nbytes` more fit under the cache size (or nothing could make room)."""
         if self.cache.used_bytes + nbytes <= self.high_bytes:
