@@ -33,6 +33,8 @@ class CacheFiles:
         self.root = Path(cache_dir) / "data"
         self.root.mkdir(parents=True, exist_ok=True)
         self._fds: dict[int, list[int]] = {}  # inode -> [fd, references]
+        for sub in range(256):  # made once here, not checked on every open
+            (self.root / f"{sub:02x}").mkdir(exist_ok=True)
         self.used_bytes = self._scan_used()
 
     def path(self, ino: int) -> Path:
@@ -52,9 +54,7 @@ class CacheFiles:
         """An open descriptor for the inode's data file (created empty if missing)."""
         slot = self._fds.get(ino)
         if slot is None:
-            path = self.path(ino)
-            path.parent.mkdir(exist_ok=True)
-            slot = self._fds[ino] = [os.open(path, os.O_RDWR | os.O_CREAT, 0o600), 0]
+            slot = self._fds[ino] = [os.open(self.path(ino), os.O_RDWR | os.O_CREAT, 0o600), 0]
         slot[1] += 1
         return slot[0]
 
@@ -85,9 +85,10 @@ class CacheFiles:
     def truncate(self, ino: int, size: int) -> None:
         fd = self.acquire(ino)
         try:
-            before = os.fstat(fd).st_blocks
-            os.ftruncate(fd, size)
-            self.used_bytes += (os.fstat(fd).st_blocks - before) * 512
+            before = os.fstat(fd)
+            if before.st_size != size:
+                os.ftruncate(fd, size)
+                self.used_bytes += (os.fstat(fd).st_blocks - before.st_blocks) * 512
         finally:
             self.release(ino)
 

@@ -243,8 +243,8 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
         attr = self.ns.create(parent_inode, name, stat.S_IFREG | (mode & ~ctx.umask & 0o7777), ctx.uid, ctx.gid)
-        self.cache.truncate(attr.id, 0)
         info = self._open_handle(attr.id, flags)
+        self.cache.truncate(attr.id, 0)  # a data file left by a crash under a reused inode number
         return info, self._entry_remembered(attr)
 
     @fuse_errors
