@@ -171,9 +171,9 @@ class LatencyProxy:
                     if writer.can_write_eof():
                         writer.write_eof()
                     return
+                self._stats["bytes_" + direction] += len(data)  # counted before the peer can see it
                 writer.write(data)
                 await writer.drain()
-                self._stats["bytes_" + direction] += len(data)
 
         sender = asyncio.ensure_future(deliver())
         try:
