@@ -7,6 +7,7 @@ logged with its traceback and answered EIO instead of ending the mount.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import itertools
@@ -18,15 +19,20 @@ from typing import Callable
 import pyfuse3
 import trio
 
+from gateway import content
 from gateway.cache import THREADED_WRITE_BYTES, CacheFiles, is_disk_full
-from gateway.errors import FsError
-from gateway.namespace import Attr, Namespace
+from gateway.errors import FsError, JournalError
+from gateway.namespace import Attr, Namespace, is_local_only
 
 log = logging.getLogger(__name__)
 
 # The kernel may cache names and attributes this long; the daemon is the only writer of its tree,
 # so only other nodes' files (visible after --metadata-ttl) are affected by it.
 ATTR_TIMEOUT_S = 5.0
+# Requests that change the tree or a file. When the journal cannot be written (failsafe) they answer
+# EROFS at once, like a filesystem remounted read-only after an error; reads go on.
+MUTATING = frozenset({"setattr", "mkdir", "rmdir", "unlink", "rename", "symlink", "link", "mknod", "create",
+                      "write", "setxattr", "removexattr"})
 XATTR_PREFIX = b"user."
 CONTROL_XATTR_PREFIX = b"user.ckptfs."
 
@@ -38,11 +44,15 @@ def fuse_errors(handler: Callable) -> Callable:
     async def wrapper(self, *args):
         self.op_counts[handler.__name__] = self.op_counts.get(handler.__name__, 0) + 1
         try:
+            if handler.__name__ in MUTATING:
+                self.check_writable()
             return await handler(self, *args)
         except pyfuse3.FUSEError:
             raise
         except FsError as exc:
             raise pyfuse3.FUSEError(exc.errno) from None
+        except JournalError:  # logged once by the journal; from now on the mount is failsafe
+            raise pyfuse3.FUSEError(errno.EROFS) from None
         except OSError as exc:
             if is_disk_full(exc):
                 log.error("%s: cache disk full (%s); the write was not acknowledged", handler.__name__, exc)
@@ -83,6 +93,10 @@ class Operations(pyfuse3.Operations):
         self.op_counts: dict[str, int] = {}
         self._write_locks: dict[int, trio.Lock] = {}  # inodes with a write in a worker thread
 
+    def check_writable(self) -> None:
+        if self.ns.journal.failed:
+            raise FsError(errno.EROFS)
+
     # ---- attributes ----------------------------------------------------------------------
 
     def entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
@@ -116,6 +130,8 @@ class Operations(pyfuse3.Operations):
         for ino, count in inode_list:
             try:
                 self.ns.forget(ino, count)
+            except JournalError:
+                pass  # failsafe: the unlinked inode is purged at the next start
             except Exception:
                 log.exception("forget(%d) failed", ino)
 
@@ -129,8 +145,9 @@ class Operations(pyfuse3.Operations):
         if size is not None:
             if self.ns.getattr(inode).is_dir:
                 raise FsError(errno.EISDIR)
-            await self._ensure_local(inode, whole=True)
-            self.cache.truncate(inode, size)
+            with self._pinned(inode):
+                await self._ensure_local(inode, whole=True)
+                content.truncate(self.ns, self.cache, inode, size)
         result = self.ns.setattr(
             inode,
             mode=attr.st_mode if fields.update_mode else None,
@@ -218,13 +235,16 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        # One file = one object: a second name would need a second object that silently diverges.
-        raise FsError(errno.EPERM)
+        # Each name is its own object with the same content (docs/SEMANTICS.md, "Hard links").
+        return self._entry_remembered(self.ns.link(inode, new_parent_inode, new_name))
 
     @fuse_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        if is_local_only(mode):  # FIFO, socket, device: kept here, never uploaded
+            attr = self.ns.create(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid, rdev=rdev)
+            return self._entry_remembered(attr)
         if not stat.S_ISREG(mode):
-            raise FsError(errno.EPERM)  # only regular files can become objects
+            raise FsError(errno.EINVAL)
         attr = self.ns.create(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid)
         self.cache.truncate(attr.id, 0)
         self.ns.mark_ready(attr.id)
@@ -244,7 +264,7 @@ class Operations(pyfuse3.Operations):
     async def create(self, parent_inode, name, mode, flags, ctx):
         attr = self.ns.create(parent_inode, name, stat.S_IFREG | (mode & ~ctx.umask & 0o7777), ctx.uid, ctx.gid)
         info = self._open_handle(attr.id, flags)
-        self.cache.truncate(attr.id, 0)  # a data file left by a crash under a reused inode number
+        self.cache.truncate(attr.id, 0)  # a stale data file (crash) would otherwise show through
         return info, self._entry_remembered(attr)
 
     @fuse_errors
@@ -253,15 +273,23 @@ class Operations(pyfuse3.Operations):
         if attr.is_dir:
             raise FsError(errno.EISDIR)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        if writable and flags & os.O_TRUNC and not attr.cached and self.reader and inode not in self.reader.fetches:
-            self.ns.set_cached(inode, True)  # the old content is discarded: no need to fetch it
-        else:
-            await self._ensure_local(inode, whole=writable)
-        info = self._open_handle(inode, flags)
-        if flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY and attr.size:
-            self.cache.truncate(inode, 0)
+        if writable:
+            self.check_writable()
+        truncating = writable and bool(flags & os.O_TRUNC)
+        with self._pinned(inode):  # not evicted between its fetch and the handle
+            if truncating and not attr.cached and self.reader and inode not in self.reader.fetches:
+                content.discard(self.ns, self.cache, inode)  # the old content is not fetched
+            else:
+                await self._ensure_local(inode, whole=writable)
+            info = self._open_handle(inode, flags)
+        if truncating and self.ns.getattr(inode).size:
+            content.truncate(self.ns, self.cache, inode, 0)
             self.ns.setattr(inode, size=0)
         return info
+
+    def _pinned(self, ino: int):
+        """While a handler awaits a fetch, the file is not evicted under it."""
+        return self.space.pinned(ino) if self.space is not None else contextlib.nullcontext()
 
     async def _ensure_local(self, ino: int, whole: bool) -> None:
         """Files evicted from the cache or known only from the bucket are fetched (all of it to write)."""
@@ -294,18 +322,10 @@ class Operations(pyfuse3.Operations):
         return self.space is not None and not self.space.fits(nbytes)
 
     async def _write_in_order(self, ino: int, off: int, buf: bytes) -> int:
-        """Journal the change (intent) and track size and digest, then write the data file."""
+        """Room in the cache, then the intent, the data file, and size and digest (gateway/content.py)."""
         if self.space is not None:
             await self.space.reserve(len(buf))
-        self.ns.note_write(ino, off, buf)
-        try:
-            written = await self.cache.write(ino, off, buf)
-        except BaseException:
-            self.ns.write_failed(ino, self.cache.size_of(ino) or 0)
-            raise
-        if written != len(buf):
-            self.ns.write_failed(ino, self.cache.size_of(ino) or 0)
-        return written
+        return await content.write(self.ns, self.cache, ino, off, buf)
 
     @fuse_errors
     async def flush(self, fh):
@@ -322,6 +342,8 @@ class Operations(pyfuse3.Operations):
         handle = self.handles.pop(fh)
         try:
             self.ns.closed(handle.ino, handle.writable)
+        except JournalError:
+            pass  # failsafe (logged once); the next start takes the data file's size
         except Exception:
             log.exception("release of inode %d failed", handle.ino)
         finally:

@@ -46,15 +46,22 @@ class BucketListing:
         self.last_sync_at: float | None = None
         self.adopted = 0
 
-    async def sync_once(self) -> int:
-        """List the whole prefix and adopt unknown keys; returns how many entries were added."""
+    async def sync_once(self, *, reconcile: bool = False) -> int:
+        """List the whole prefix and adopt unknown keys; returns how many entries were added.
+
+        With `reconcile` (at mount, before the drain starts), objects the journal records but the
+        bucket lacks are found too (see `_forget_missing`)."""
         known = {r[0] for r in self.ns.journal.all("SELECT key FROM objects")}
+        listed: set[str] = set()
         added = 0
         async for item in self.store.list_objects(""):
             key = self.store.relative_key(item["Key"])
+            listed.add(key)
             if key in known:
                 continue
             added += self._adopt(key, item)
+        if reconcile:
+            self._forget_missing(known - listed)
         self.last_sync_at = time.time()
         self.adopted += added
         if added:
@@ -92,6 +99,29 @@ class BucketListing:
         self.ns.adopt_remote(parent, name, is_dir=False, size=int(item.get("Size", 0)), mtime_ns=mtime_ns,
                              key=key, etag=item.get("ETag", ""))
         return added + 1
+
+    def _forget_missing(self, missing: set[str]) -> None:
+        """The journal records these objects but the bucket does not hold them: the drain published
+        a change (a delete, a rename) that a power loss then took out of the journal, or someone
+        deleted them. A live file whose content is local is uploaded again; one whose content is
+        not local cannot be read any more (logged); a directory gets its marker again."""
+        for key in sorted(missing):
+            row = self.ns.journal.one(
+                "SELECT o.inode, i.cached, i.nlink FROM objects o JOIN inodes i ON i.id = o.inode WHERE o.key=?",
+                (key,))
+            self.ns.journal.execute("DELETE FROM objects WHERE key=?", (key,))
+            if row is None or row[2] == 0 or self.ns.remote_key(row[0]) is not None:
+                continue  # stale, or another object still holds the content
+            ino, cached = row[0], row[1]
+            if key.endswith("/"):
+                self.ns.journal.execute("UPDATE inodes SET durable=0 WHERE id=?", (ino,))
+                self.ns.mark_ready(ino)
+            elif cached:
+                self.ns.content_changed(ino)
+                self.ns.mark_ready(ino)
+                log.warning("object %r is missing from the bucket: uploading the cached file again", key)
+            else:
+                log.error("object %r is missing from the bucket and its file is not cached: reading it fails", key)
 
     def _warn_shadowed(self, key: str, why: str) -> None:
         if key not in self.warned:

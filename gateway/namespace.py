@@ -26,6 +26,9 @@ ROOT_INODE = 1
 SUBTREE_CTE = ("WITH RECURSIVE sub(i) AS (SELECT inode FROM dentries WHERE parent=? "
                "UNION ALL SELECT d.inode FROM dentries d JOIN sub ON d.parent = sub.i) ")
 NAME_MAX = 255
+# File types that live only in this mount: never uploaded, always durable (docs/SEMANTICS.md).
+LOCAL_ONLY_TYPES = (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK)
+LOCAL_ONLY_SQL = f"(mode & 61440) IN ({', '.join(str(t) for t in LOCAL_ONLY_TYPES)})"
 INODE_COLUMNS = (
     "id, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, target, nlink, "
     "content_dirty, durable, ready_seq, changed_gen, changed_at, digest, cached"
@@ -63,6 +66,10 @@ class Attr:
     def is_reg(self) -> bool:
         return stat.S_ISREG(self.mode)
 
+    @property
+    def is_local_only(self) -> bool:
+        return is_local_only(self.mode)
+
 
 @dataclasses.dataclass(slots=True)
 class OpenState:
@@ -83,6 +90,11 @@ def now_ns() -> int:
     return time.time_ns()
 
 
+def is_local_only(mode: int) -> bool:
+    """FIFOs, sockets and device nodes: kept in the namespace, never published."""
+    return stat.S_IFMT(mode) in LOCAL_ONLY_TYPES
+
+
 def check_name(name: bytes) -> None:
     if len(name) > NAME_MAX:
         raise FsError(errno.ENAMETOOLONG)
@@ -97,12 +109,18 @@ class Namespace:
         self.journal = journal
         self.on_purge = on_purge
         self.on_change: Callable[[], None] = lambda: None
+        self.on_removed: Callable[[int], None] = lambda ino: None  # a name was removed: cancel its uploads
         self.lookups: dict[int, int] = {}
         self.open: dict[int, OpenState] = {}
+        # inode -> its names (parent, name), oldest first; the first is the canonical one (path_of),
+        # also kept in entry_of: inode -> canonical (parent, name)
+        self.names_of: dict[int, list[tuple[int, bytes]]] = {}
         self.entry_of: dict[int, tuple[int, bytes]] = {}
         self.written_digests: dict[int, tuple[str, int]] = {}  # inode -> (xxh3, size) hashed while written
+        self.purge_listeners: list[Callable[[int], None]] = []  # per-inode state elsewhere, dropped on purge
         self.owner = (uid, gid)
         self._ensure_root(uid, gid)
+        self._count_subdirs()
         self._load_tree()
         self.gen = int(journal.one("SELECT coalesce(max(changed_gen), 0) FROM inodes")[0])
         self.seq = int(journal.one("SELECT coalesce(max(ready_seq), 0) FROM inodes")[0])
@@ -118,9 +136,17 @@ class Namespace:
                 (ROOT_INODE, stat.S_IFDIR | 0o755, uid, gid, t, t, t),
             )
 
+    def _count_subdirs(self) -> None:
+        """Directory link counts (2 + subdirectories), also for journals written before they were kept."""
+        self.journal.execute(
+            "UPDATE inodes SET nlink = 2 + (SELECT count(*) FROM dentries d JOIN inodes c ON c.id = d.inode "
+            "WHERE d.parent = inodes.id AND (c.mode & 61440) = 16384) WHERE (mode & 61440) = 16384 AND nlink > 0")
+
     def _load_tree(self) -> None:
-        for parent, name, inode in self.journal.all("SELECT parent, name, inode FROM dentries"):
-            self.entry_of[inode] = (parent, bytes(name))
+        for parent, name, inode in self.journal.all("SELECT parent, name, inode FROM dentries ORDER BY id"):
+            self.names_of.setdefault(inode, []).append((parent, bytes(name)))
+        for inode in self.names_of:
+            self._names_changed(inode)
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -143,7 +169,7 @@ class Namespace:
         if name == b".":
             return self.getattr(parent)
         if name == b"..":
-            return self.getattr(self.entry_of.get(parent, (ROOT_INODE, b""))[0])
+            return self.getattr(self.parent_of(parent))
         row = self.journal.one("SELECT inode FROM dentries WHERE parent=? AND name=?", (parent, name))
         if row is None:
             if not self.getattr(parent).is_dir:
@@ -165,16 +191,45 @@ class Namespace:
     def has_children(self, ino: int) -> bool:
         return self.journal.one("SELECT 1 FROM dentries WHERE parent=? LIMIT 1", (ino,)) is not None
 
+    def has_published_children(self, ino: int) -> bool:
+        """Whether directory `ino` holds an entry that becomes an object (not only FIFOs, sockets, devices)."""
+        return self.journal.one(
+            "SELECT 1 FROM dentries d JOIN inodes i ON i.id = d.inode "
+            f"WHERE d.parent=? AND NOT {LOCAL_ONLY_SQL.replace('mode', 'i.mode')} LIMIT 1", (ino,)) is not None
+
+    def parent_of(self, ino: int) -> int:
+        """The directory holding `ino`'s canonical name (the root for the root or an unlinked inode)."""
+        names = self.names_of.get(ino)
+        return names[0][0] if names else ROOT_INODE
+
     def path_of(self, ino: int) -> str | None:
-        """The path relative to the mount root ('' for the root), or None if unlinked."""
+        """The canonical path relative to the mount root ('' for the root), or None if unlinked.
+
+        A file with several hard links has one path per name (`paths_of`); this is the oldest name.
+        """
         parts: list[bytes] = []
         while ino != ROOT_INODE:
-            entry = self.entry_of.get(ino)
-            if entry is None:
+            names = self.names_of.get(ino)
+            if not names:
                 return None
-            ino, name = entry
+            ino, name = names[0]
             parts.append(name)
         return "/".join(p.decode("utf-8", "surrogateescape") for p in reversed(parts))
+
+    def paths_of(self, ino: int) -> list[str]:
+        """Every path of `ino` (one per hard link), oldest name first; [] if unlinked, [''] for the root."""
+        if ino == ROOT_INODE:
+            return [""]
+        paths = (self.path_of_name(parent, name) for parent, name in self.names_of.get(ino, ()))
+        return [p for p in paths if p is not None]
+
+    def path_of_name(self, parent: int, name: bytes) -> str | None:
+        """The path of entry `name` in directory `parent`, or None if the directory is unlinked."""
+        base = self.path_of(parent)
+        if base is None:
+            return None
+        text = name.decode("utf-8", "surrogateescape")
+        return f"{base}/{text}" if base else text
 
     def resolve(self, path: str) -> int | None:
         """The inode at `path` (relative to the root), or None."""
@@ -203,6 +258,57 @@ class Namespace:
         self, parent: int, name: bytes, mode: int, uid: int, gid: int, *, target: bytes | None = None,
         rdev: int = 0,
     ) -> Attr:
+        self._check_new_entry(parent, name)
+        t = now_ns()
+        gen = self._next_gen()
+        is_dir = stat.S_ISDIR(mode)
+        local_only = is_local_only(mode)
+        # A new file is not ready until its creator closes it; directories and symlinks are ready now.
+        # FIFOs, sockets and devices are never published: durable from the start, never pending.
+        ready = None if stat.S_ISREG(mode) or local_only else self._next_seq()
+        with self.journal.transaction():
+            cur = self.journal.execute(
+                "INSERT INTO inodes (mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, target, "
+                "nlink, content_dirty, durable, ready_seq, changed_gen, changed_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (mode, uid, gid, len(target or b""), t, t, t, rdev, target, 2 if is_dir else 1,
+                 int(not local_only), int(local_only), ready, gen, time.time()),
+            )
+            ino = cur.lastrowid
+            self.journal.execute(
+                "INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)", (parent, name, ino)
+            )
+            if is_dir:
+                self._add_subdirs(parent, 1)
+            self._touch_dir(parent, t, gen)
+        self.names_of[ino] = [(parent, name)]
+        self._names_changed(ino)
+        self.on_change()
+        return self.getattr(ino)
+
+    def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
+        """A hard link: one more name for a file. Each name is published as its own object."""
+        attr = self.getattr(ino)
+        if attr.is_dir:
+            raise FsError(errno.EPERM)
+        if attr.nlink == 0:
+            raise FsError(errno.ENOENT)
+        self._check_new_entry(new_parent, new_name)
+        t = now_ns()
+        gen = self._next_gen()
+        with self.journal.transaction():
+            self.journal.execute(
+                "INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)", (new_parent, new_name, ino))
+            self.journal.execute("UPDATE inodes SET nlink=nlink+1, ctime_ns=? WHERE id=?", (t, ino))
+            self._touch_dir(new_parent, t, gen)
+            self._mark_moved(ino, gen)  # the new name needs its object
+        self.names_of.setdefault(ino, []).append((new_parent, new_name))
+        self._names_changed(ino)
+        self.on_change()
+        return self.getattr(ino)
+
+    def _check_new_entry(self, parent: int, name: bytes) -> None:
+        """`name` can be added to `parent`: a valid name, a live directory, not taken."""
         check_name(name)
         parent_attr = self.getattr(parent)
         if not parent_attr.is_dir:
@@ -211,27 +317,6 @@ class Namespace:
             raise FsError(errno.ENOENT)
         if self.child_id(parent, name) is not None:
             raise FsError(errno.EEXIST)
-        t = now_ns()
-        gen = self._next_gen()
-        is_dir = stat.S_ISDIR(mode)
-        # A new file is not ready until its creator closes it; directories and symlinks are ready now.
-        ready = None if stat.S_ISREG(mode) else self._next_seq()
-        with self.journal.transaction():
-            cur = self.journal.execute(
-                "INSERT INTO inodes (mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, target, "
-                "nlink, content_dirty, durable, ready_seq, changed_gen, changed_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, 0, ?, ?, ?)",
-                (mode, uid, gid, len(target or b""), t, t, t, rdev, target, 2 if is_dir else 1,
-                 ready, gen, time.time()),
-            )
-            ino = cur.lastrowid
-            self.journal.execute(
-                "INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)", (parent, name, ino)
-            )
-            self._touch_dir(parent, t, gen)
-        self.entry_of[ino] = (parent, name)
-        self.on_change()
-        return self.getattr(ino)
 
     def unlink(self, parent: int, name: bytes) -> int:
         ino = self._existing_child(parent, name)
@@ -259,19 +344,57 @@ class Namespace:
         return ino
 
     def _remove_entry(self, parent: int, name: bytes, ino: int) -> None:
-        """Drop the name; its objects become stale (deleted by the drain); data goes when forgotten."""
+        """Drop the name; its object becomes stale (deleted by the drain); data goes with the last name,
+        when the kernel forgets the inode."""
         t = now_ns()
         gen = self._next_gen()
         with self.journal.transaction():
-            self.journal.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
-            self.journal.execute(
-                "UPDATE inodes SET nlink=0, ctime_ns=?, durable=1, ready_seq=NULL WHERE id=?", (t, ino)
-            )
-            self.journal.execute("UPDATE objects SET inode=NULL WHERE inode=?", (ino,))
+            self._drop_name(parent, name, self.getattr(ino), t, gen)
             self._touch_dir(parent, t, gen)
-        self.entry_of.pop(ino, None)
-        self._maybe_purge(ino)
+        self._forget_name(ino, parent, name)
         self.on_change()
+
+    def _drop_name(self, parent: int, name: bytes, attr: Attr, t: int, gen: int) -> None:
+        """Inside a transaction: delete the entry `name` of `attr`. Only that name's object goes stale;
+        an inode with other names (hard links) keeps them and their objects."""
+        self.journal.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
+        if attr.is_dir or attr.nlink <= 1:
+            self.journal.execute(
+                "UPDATE inodes SET nlink=0, ctime_ns=?, durable=1, ready_seq=NULL WHERE id=?", (t, attr.id)
+            )
+            self.journal.execute("UPDATE objects SET inode=NULL, stale_gen=? WHERE inode=?", (gen, attr.id))
+            if attr.is_dir:
+                self._add_subdirs(parent, -1)
+            return
+        self.journal.execute("UPDATE inodes SET nlink=nlink-1, ctime_ns=? WHERE id=?", (t, attr.id))
+        key = self.path_of_name(parent, name)
+        self.journal.execute("UPDATE objects SET inode=NULL, stale_gen=? WHERE key=? AND inode=?", (gen, key, attr.id))
+        if (parent, name) == self.names_of.get(attr.id, [None])[0]:
+            self._mark_moved(attr.id, gen)  # a new canonical name: let the drain look at the others
+
+    def _forget_name(self, ino: int, parent: int, name: bytes) -> None:
+        """After the commit: `ino` no longer has the name; if that was its last one, its uploads stop and
+        it is purged once closed and forgotten."""
+        names = self.names_of.get(ino, [])
+        if (parent, name) in names:
+            names.remove((parent, name))
+        self._names_changed(ino)
+        if not names:
+            self.on_removed(ino)
+            self._maybe_purge(ino)
+
+    def _names_changed(self, ino: int) -> None:
+        """Keep `entry_of` (the canonical name of each inode) in step with `names_of`."""
+        names = self.names_of.get(ino)
+        if names:
+            self.entry_of[ino] = names[0]
+        else:
+            self.names_of.pop(ino, None)
+            self.entry_of.pop(ino, None)
+
+    def _add_subdirs(self, ino: int, delta: int) -> None:
+        """A directory's link count is 2 plus its subdirectories."""
+        self.journal.execute("UPDATE inodes SET nlink=nlink+? WHERE id=? AND nlink>0", (delta, ino))
 
     def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int) -> int | None:
         """Atomic rename. Returns the inode that lost its name (replaced target), if any."""
@@ -292,31 +415,40 @@ class Namespace:
             return self._exchange(old_parent, old_name, ino, new_parent, new_name, target)
         if target == ino:
             return None
-        if target is not None:
-            self._check_replace(moving, self.getattr(target))
+        target_attr = None if target is None else self.getattr(target)
+        if target_attr is not None:
+            self._check_replace(moving, target_attr)
         t = now_ns()
         gen = self._next_gen()
         with self.journal.transaction():
-            if target is not None:
-                self.journal.execute("DELETE FROM dentries WHERE parent=? AND name=?", (new_parent, new_name))
-                self.journal.execute(
-                    "UPDATE inodes SET nlink=0, ctime_ns=?, durable=1, ready_seq=NULL WHERE id=?", (t, target)
-                )
-                self.journal.execute("UPDATE objects SET inode=NULL WHERE inode=?", (target,))
+            if target_attr is not None:
+                self._drop_name(new_parent, new_name, target_attr, t, gen)
             self.journal.execute(
                 "UPDATE dentries SET parent=?, name=? WHERE parent=? AND name=?",
                 (new_parent, new_name, old_parent, old_name),
             )
             self.journal.execute("UPDATE inodes SET ctime_ns=? WHERE id=?", (t, ino))
+            if moving.is_dir and old_parent != new_parent:
+                self._add_subdirs(old_parent, -1)
+                self._add_subdirs(new_parent, 1)
             self._touch_dir(old_parent, t, gen)
             self._touch_dir(new_parent, t, gen)
-            self.entry_of[ino] = (new_parent, new_name)
             self._mark_moved(ino, gen)
+            self.journal.execute("INSERT OR REPLACE INTO scopes VALUES (?, ?)", (ino, self._next_seq()))
+        self._rename_name(ino, (old_parent, old_name), (new_parent, new_name))  # in memory once journaled
         if target is not None:
-            self.entry_of.pop(target, None)
-            self._maybe_purge(target)
+            self._forget_name(target, new_parent, new_name)
         self.on_change()
         return target
+
+    def _rename_name(self, ino: int, old: tuple[int, bytes], new: tuple[int, bytes]) -> None:
+        """In memory: the name `old` of `ino` is now `new` (in place: a canonical name stays canonical)."""
+        names = self.names_of.setdefault(ino, [])
+        if old in names:
+            names[names.index(old)] = new
+        else:
+            names.append(new)
+        self._names_changed(ino)
 
     def _check_replace(self, moving: Attr, target: Attr) -> None:
         if moving.is_dir and not target.is_dir:
@@ -327,6 +459,8 @@ class Namespace:
             raise FsError(errno.ENOTEMPTY)
 
     def _exchange(self, p1: int, n1: bytes, i1: int, p2: int, n2: bytes, i2: int) -> None:
+        if i1 == i2:
+            return  # two hard links of one file: nothing changes
         a1, a2 = self.getattr(i1), self.getattr(i2)
         if (a1.is_dir and (p2 == i1 or p2 in self.descendants(i1))) or (
             a2.is_dir and (p1 == i2 or p1 in self.descendants(i2))
@@ -338,11 +472,16 @@ class Namespace:
             self.journal.execute("UPDATE dentries SET inode=? WHERE parent=? AND name=?", (i2, p1, n1))
             self.journal.execute("UPDATE dentries SET inode=? WHERE parent=? AND name=?", (i1, p2, n2))
             self.journal.execute("UPDATE inodes SET ctime_ns=? WHERE id IN (?, ?)", (t, i1, i2))
-            self.entry_of[i1], self.entry_of[i2] = (p2, n2), (p1, n1)
+            if p1 != p2 and a1.is_dir != a2.is_dir:
+                moved = 1 if a1.is_dir else -1  # subdirectories p1 gives to p2
+                self._add_subdirs(p1, -moved)
+                self._add_subdirs(p2, moved)
             self._touch_dir(p1, t, gen)
             self._touch_dir(p2, t, gen)
             self._mark_moved(i1, gen)
             self._mark_moved(i2, gen)
+        self._rename_name(i1, (p1, n1), (p2, n2))  # in memory once journaled
+        self._rename_name(i2, (p2, n2), (p1, n1))
         self.on_change()
         return None
 
@@ -377,47 +516,43 @@ class Namespace:
                 self.mark_ready(ino)
         return self.getattr(ino)
 
-    def content_changed(self, ino: int) -> None:
-        """The content differs from what was published: not durable, not ready, old objects stale."""
+    def content_changed(self, ino: int) -> bool:
+        """The content differs from what was published: not durable, not ready, old objects stale.
+
+        Returns whether the journal had the content as clean until now (see gateway/content.py)."""
         self.written_digests.pop(ino, None)
         state = self.open.get(ino)
         if state is not None:
             state.version += 1
-            if state.written:
-                return  # already recorded since the last flush to the journal
-            state.written = True
+            if state.written and state.writers > 0:
+                return False  # already recorded since it was opened for writing; the drain skips it meanwhile
         gen = self._next_gen()
         with self.journal.transaction():
+            row = self.journal.one("SELECT content_dirty FROM inodes WHERE id=?", (ino,))
             self.journal.execute(
                 "UPDATE inodes SET content_dirty=1, durable=0, ready_seq=NULL, changed_gen=?, changed_at=? "
                 "WHERE id=?",
                 (gen, time.time(), ino),
             )
+        if state is not None:
+            state.written = True
         self.on_change()
+        return row is not None and row[0] == 0
 
     def note_write(self, ino: int, offset: int, data: bytes) -> None:
-        """A write is about to reach the cache file: journal the first one (before the data file
-        changes), track size, mtime and the running digest in memory."""
+        """A write reached the cache file (after `content_changed`): track size and mtime in memory."""
         state = self.open.setdefault(ino, OpenState())
         current = state.size if state.size is not None else self.getattr(ino).size
         self._hash_write(state, current, offset, data)
         state.size = max(current, offset + len(data))
         state.mtime_ns = now_ns()
         state.recorded = False
-        self.content_changed(ino)
-
-    def write_failed(self, ino: int, size: int) -> None:
-        """A noted write did not land whole: the data file's `size` is the truth, the digest is void."""
-        state = self.open.get(ino)
-        if state is not None:
-            state.size = size
-            state.hasher = None
 
     @staticmethod
     def _hash_write(state: OpenState, size_before: int, offset: int, data: bytes) -> None:
         """Checkpoints are written front to back: hash them on the way, so the drain need not
         re-read the file for its digest. Any other pattern drops the running hash."""
-        if state.hasher is None and not state.written and size_before == 0 and offset == 0:
+        if state.hasher is None and size_before == 0 and offset == 0:
             state.hasher, state.hashed = xxhash.xxh3_128(), 0
         if state.hasher is None:
             return
@@ -450,7 +585,8 @@ class Namespace:
         """`ino` (and its subtree) has a new name: republish under it, in the old relative order."""
         ids = [ino] + (self.descendants(ino) if self.getattr(ino).is_dir else [])
         rows = self.journal.all(
-            f"SELECT id, ready_seq FROM inodes WHERE id IN ({','.join('?' * len(ids))})", tuple(ids)
+            f"SELECT id, ready_seq FROM inodes WHERE id IN ({','.join('?' * len(ids))}) "
+            f"AND NOT {LOCAL_ONLY_SQL}", tuple(ids)
         )
         writing = {i for i, seq in rows if seq is None and self.open.get(i, OpenState()).writers > 0}
         for i, _ in sorted(rows, key=lambda r: (r[1] is None, r[1] or 0, r[0])):
@@ -536,7 +672,11 @@ class Namespace:
         with self.journal.transaction():
             self.journal.execute("DELETE FROM inodes WHERE id=?", (ino,))
             self.journal.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
+            self.journal.execute("DELETE FROM scopes WHERE root=?", (ino,))
+        self.written_digests.pop(ino, None)
         self.on_purge(ino)
+        for forget in self.purge_listeners:
+            forget(ino)
 
     def purge_unlinked(self) -> list[int]:
         """At start: inodes unlinked while open before a crash are gone for good."""
@@ -566,15 +706,19 @@ class Namespace:
             )
             ino = cur.lastrowid
             self.journal.execute("INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)", (parent, name, ino))
-            if not is_dir:
+            if is_dir:
+                self._add_subdirs(parent, 1)
+            else:
                 self.journal.execute(
                     "INSERT OR REPLACE INTO objects (key, inode, size, digest, etag) VALUES (?, ?, ?, NULL, ?)",
                     (key, ino, size, etag))
-        self.entry_of[ino] = (parent, name)
+        self.names_of[ino] = [(parent, name)]
+        self._names_changed(ino)
         return ino
 
-    def set_cached(self, ino: int, cached: bool) -> None:
-        self.journal.execute("UPDATE inodes SET cached=? WHERE id=?", (int(cached), ino))
+    def set_cached(self, ino: int, cached: bool, *, size: int | None = None) -> None:
+        self.journal.execute("UPDATE inodes SET cached=?, size=coalesce(?, size) WHERE id=?",
+                             (int(cached), size, ino))
 
     def remote_key(self, ino: int) -> str | None:
         """The key of an object that holds this inode's current content, if one is published."""
