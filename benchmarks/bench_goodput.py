@@ -10,13 +10,13 @@ tests/support/faultproxy.FaultProxy capped at --bandwidth-mbps 16 MB/s per direc
 the local disk. The same training loop runs under each strategy for --seconds (one window each,
 order rotated per round with --rounds > 1):
 
-  ckptfs   ContinuousCheckpointer(<mount>/run, save=Continuous(), keep=LatestN(3)) on a real ckptfs
+  ckptfs   ContinuousCheckpointer(<mount>/run, save=Continuous(), keep=LatestN(--keep 3)) on a real ckptfs
            mount whose drain goes through the capped proxy; acknowledged by the local write.
   upload   upload-acknowledged continuous saving: host snapshot, then torch.save into memory and
            boto3 upload_fileobj (16 MiB parts x 8) through the same proxy; the next save starts at
            the first step after the upload returned; keeps the newest 3 objects
            (benchmarks.bench_interval.UploadCheckpointer).
-  fixed    ContinuousCheckpointer(save=FixedInterval(steps=--fixed-steps), keep=LatestN(3)) on a
+  fixed    ContinuousCheckpointer(save=FixedInterval(steps=--fixed-steps), keep=LatestN(--keep)) on a
            ckptfs mount (asynchronous: the loop stalls only for the snapshot).
 
 A sampler lists the bucket directly (not through the proxy) every 0.25 s after --warmup-s: the newest
@@ -31,7 +31,7 @@ object) and the number of complete checkpoints and of step prefixes with any obj
   bucket end        complete checkpoints (step prefixes with any object) when the window ends
   bucket max        the most complete checkpoints seen in one sample after the warm-up
   settled           after the window: close(durable_timeout=--settle-s) + `ckptfs wait`, then the
-                    complete checkpoints in the bucket (LatestN(3) keeps 3); "-" if not settled in time
+                    complete checkpoints in the bucket (LatestN(N) keeps N); "-" if not settled in time
 
 Goals (issue 10): node loss <= 1.0x upload; restart loss <= 0.25x upload's node loss; bucket <= what
 the keep policy keeps plus the checkpoint in flight. Prints a table and one JSON line.
@@ -58,7 +58,6 @@ from tests.support.faultproxy import FaultProxy
 
 MODULE = "benchmarks.bench_goodput"
 STRATEGIES = ("ckptfs", "upload", "fixed")
-KEEP = 3
 _STEP_KEY = re.compile(r"(?:^|/)step_(\d+)/(.+)$")
 
 
@@ -143,7 +142,7 @@ def run_window(name: str, args, trainer: Trainer, server, proxy: FaultProxy, buc
     warm_until = time.monotonic() + args.warmup_s
     extra: dict[str, Any] = {}
     if name == "upload":
-        ckpt = UploadCheckpointer(server.boto3_client(proxy.endpoint_url), bucket, prefix, keep=KEEP)
+        ckpt = UploadCheckpointer(server.boto3_client(proxy.endpoint_url), bucket, prefix, keep=args.keep)
         sampler = BucketSampler(direct, bucket, prefix, trainer, "state.pt", ckpt.latest)
         try:
             with sampler:
@@ -157,7 +156,7 @@ def run_window(name: str, args, trainer: Trainer, server, proxy: FaultProxy, buc
     else:
         save = Continuous() if name == "ckptfs" else FixedInterval(steps=args.fixed_steps)
         with Mount(_ProxyEndpoint(proxy), base, bucket=bucket, prefix=prefix) as m:
-            ckpt = ContinuousCheckpointer(m.mnt / "run", save=save, keep=LatestN(KEEP))
+            ckpt = ContinuousCheckpointer(m.mnt / "run", save=save, keep=LatestN(args.keep))
             local = lambda: ckpt.statistics().last_local_step  # noqa: E731
             sampler = BucketSampler(direct, bucket, f"{prefix}/run", trainer, "COMMIT", local)
             try:
@@ -233,6 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--step-s", type=float, default=0.1, help="minimum time per training step (default 0.1)")
     ap.add_argument("--bandwidth-mbps", type=float, default=16, help="endpoint cap, MB/s per direction (default 16)")
     ap.add_argument("--warmup-s", type=float, default=10, help="no samples before this (default 10)")
+    ap.add_argument("--keep", type=int, default=3, help="every strategy keeps the newest N (default 3)")
     ap.add_argument("--fixed-steps", type=int, default=50, help="K of the fixed strategy (default 50)")
     ap.add_argument("--settle-s", type=float, default=60,
                     help="after each ckptfs/fixed window, wait this long for the bucket to settle (default 60)")
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     print(f"state {trainer.state_bytes / MiB:.1f} MiB, {args.step_s} s/step, endpoint capped at "
           f"{args.bandwidth_mbps:g} MB/s, {args.seconds:.0f} s per strategy, samples every 0.25 s after "
-          f"{args.warmup_s:.0f} s, keep LatestN({KEEP}), fixed K = {args.fixed_steps}")
+          f"{args.warmup_s:.0f} s, keep LatestN({args.keep}), fixed K = {args.fixed_steps}")
     headers = ["strategy", "steps/s", "saves", "P50 interval", "node loss", "node loss", "restart loss",
                "bucket end", "bucket max", "settled", "vs upload (node / restart)"]
     rows = [["", "", "", "(steps)", "(mean steps)", "(mean s)", "(mean steps)", "(complete/any)", "(complete)",
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
     print_table(headers, rows)
     return emit({"module": MODULE, "state_bytes": trainer.state_bytes, "step_s": args.step_s,
                  "bandwidth_bytes_per_s": int(args.bandwidth_mbps * 1e6), "seconds": args.seconds,
-                 "warmup_s": args.warmup_s, "fixed_steps": args.fixed_steps, "rounds": args.rounds,
+                 "warmup_s": args.warmup_s, "keep": args.keep, "fixed_steps": args.fixed_steps, "rounds": args.rounds,
                  "results": results})
 
 

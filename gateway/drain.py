@@ -46,6 +46,7 @@ STARTUP_CLEANUP_S = 30.0
 VIEW_MAX_AGE_S = 0.1
 OLD_SCOPE_GRACE_S = 3.0   # an older checkpoint retention keeps this long is uploaded, too
 LAST: scheduler.Priority = (3, 0, 0)
+KEEP_XATTR = b"user.ckptfs.keep"
 
 
 class CommitGate(Protocol):
@@ -219,7 +220,7 @@ class Drain:
         sel = self.selection
         plan = scheduler.plan(
             rows, self._rename_scopes(), self.rules, selected=sel.selected, prefer_old=sel.prefer_old,
-            newest_durable_seq=sel.newest_durable_seq, old_ok=self._old_ok(now),
+            newest_durable_seq=sel.newest_durable_seq, old_ok=self._old_ok(now), pinned=self._pinned(),
             room=max(0, self.max_jobs - len(self.jobs)), gate=self.gate.may_publish)
         self._remember(plan, now)
         for ino in plan.start:
@@ -229,10 +230,10 @@ class Drain:
     def _rows(self, now: float) -> list[scheduler.Row]:
         rows = []
         quiet_since = now - self.config.drain_delay_s
-        for ino, mode, ready_seq, changed_at, changed_gen, published in self.journal.all(
-                "SELECT id, mode, ready_seq, changed_at, changed_gen, "
+        for ino, mode, nlink, ready_seq, changed_at, changed_gen, published in self.journal.all(
+                "SELECT id, mode, nlink, ready_seq, changed_at, changed_gen, "
                 "EXISTS (SELECT 1 FROM objects o WHERE o.inode = inodes.id) FROM inodes WHERE durable=0 AND nlink>0"):
-            lineage = self._lineage(ino)
+            lineage = self._lineage(ino) if nlink == 1 or stat.S_ISDIR(mode) else self._link_lineage(ino)
             if ino == ROOT_INODE or lineage is None:
                 self.journal.execute("UPDATE inodes SET durable=1 WHERE id=?", (ino,))
                 continue
@@ -259,8 +260,31 @@ class Drain:
             ancestors.append(ino)
         return "/".join(n.decode("utf-8", "surrogateescape") for n in reversed(names)), tuple(ancestors)
 
+    def _link_lineage(self, ino: int) -> tuple[str, tuple[int, ...]] | None:
+        """For a file with several names: the lineage of the name it is published under."""
+        path = self.publish_name(ino)
+        if path is None:
+            return None
+        parent = self.ns.resolve(path.rpartition("/")[0])
+        above = None if parent is None else self._lineage(parent)
+        if parent is None or above is None:
+            return None
+        return path, (parent, *above[1])
+
+    def publish_name(self, ino: int) -> str | None:
+        """The name a file is published under first: its oldest name that is not a temporary one
+        (hard links: `link f.tmp f` publishes `f`); the oldest name if all are temporary."""
+        paths = self.ns.paths_of(ino)
+        if not paths:
+            return None
+        return next((p for p in paths if not self.rules.is_held(p)), paths[0])
+
     def _rename_scopes(self) -> dict[int, int]:
         return dict(self.journal.all("SELECT root, committed_seq FROM scopes"))
+
+    def _pinned(self) -> set[int]:
+        """Checkpoint directories (or files) pinned with the user.ckptfs.keep attribute."""
+        return {r[0] for r in self.journal.all("SELECT inode FROM xattrs WHERE name=?", (KEEP_XATTR,))}
 
     def _old_ok(self, now: float) -> set[int]:
         since = self.selection.superseded_since
@@ -301,10 +325,10 @@ class Drain:
 
     def _start(self, nursery: trio.Nursery, ino: int) -> None:
         """Start the inode's job if it can claim its key and every key it may copy from."""
-        path = self.ns.path_of(ino)
+        is_dir = self.ns.getattr(ino).is_dir
+        path = self.ns.path_of(ino) if is_dir else self.publish_name(ino)
         if path is None:
             return
-        is_dir = self.ns.getattr(ino).is_dir
         key = path + "/" if is_dir else path
         claim = {key, *self.book.keys_of(ino), *([] if is_dir else self.ns.paths_of(ino))}
         if claim & self.busy_keys:
@@ -332,7 +356,7 @@ class Drain:
             return "uploading"
         if attr.ready_seq is None or self.ns.writers(attr.id) > 0:
             return "dirty"
-        path = self.ns.path_of(attr.id)
+        path = self.ns.path_of(attr.id) if attr.is_dir else self.publish_name(attr.id)
         if path is not None and self.held(path, attr.changed_at, time.time()):
             return "held"
         return "queued"
@@ -367,6 +391,13 @@ class Drain:
             log.debug("%s: %s; will retry", key, exc)
         except StoreError as exc:
             self._record_failure(ino, f"{key}: {exc}")
+        except ExceptionGroup as group:
+            # parts that saw the change while their job was being cancelled (the cancel scope took the
+            # Cancelled leaves and left these)
+            _, rest = group.split(Superseded)
+            if rest is not None:
+                log.error("drain: unexpected errors syncing %s", key, exc_info=rest)
+                self._record_failure(ino, f"{key}: internal error: {rest!r}")
         except (OSError, EOFError) as exc:
             self._record_failure(ino, f"{key}: reading the cache file failed: {exc}")
         except Exception as exc:  # a bug must not end the drain (and with it the mount)
@@ -379,7 +410,7 @@ class Drain:
 
     def _recheck(self, ino: int, key: str) -> Attr:
         fresh = self.ns.getattr(ino)
-        path = self.ns.path_of(ino)
+        path = self.ns.path_of(ino) if fresh.is_dir else self.publish_name(ino)
         if (fresh.durable or fresh.nlink == 0 or fresh.ready_seq is None or self.ns.writers(ino) > 0
                 or path is None or (path + "/" if fresh.is_dir else path) != key):
             raise Superseded("changed before its upload started")
@@ -435,7 +466,7 @@ class Drain:
                 await self._put_bytes(attr, key, token, attr.target or b"", "symlink")
             else:
                 await self._upload(attr, key, token)
-        links = self.ns.paths_of(attr.id)[1:]
+        links = [p for p in self.ns.paths_of(attr.id) if p != key and not self.rules.is_held(p)]
         for link in links:
             if attr.content_dirty or link not in have:
                 self.book.intend(link, token[0])

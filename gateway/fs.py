@@ -35,6 +35,7 @@ MUTATING = frozenset({"setattr", "mkdir", "rmdir", "unlink", "rename", "symlink"
                       "write", "setxattr", "removexattr"})
 XATTR_PREFIX = b"user."
 CONTROL_XATTR_PREFIX = b"user.ckptfs."
+KEEP_XATTR = b"user.ckptfs.keep"  # set by a user or the checkpointer: pin a checkpoint (SEMANTICS.md)
 
 
 def fuse_errors(handler: Callable) -> Callable:
@@ -353,7 +354,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def getxattr(self, inode, name, ctx):
-        if name.startswith(CONTROL_XATTR_PREFIX):
+        if name.startswith(CONTROL_XATTR_PREFIX) and name != KEEP_XATTR:
             return self.control.get_xattr(inode, name)
         if not name.startswith(XATTR_PREFIX):
             raise FsError(errno.ENODATA)
@@ -361,7 +362,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def setxattr(self, inode, name, value, ctx):
-        if name.startswith(CONTROL_XATTR_PREFIX):
+        if name.startswith(CONTROL_XATTR_PREFIX) and name != KEEP_XATTR:
             raise FsError(errno.EPERM)  # read-only status attributes
         if not name.startswith(XATTR_PREFIX):
             raise FsError(errno.ENOTSUP)
@@ -373,6 +374,6 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def removexattr(self, inode, name, ctx):
-        if name.startswith(CONTROL_XATTR_PREFIX):
+        if name.startswith(CONTROL_XATTR_PREFIX) and name != KEEP_XATTR:
             raise FsError(errno.EPERM)
         self.ns.remove_xattr(inode, name)

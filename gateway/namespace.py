@@ -368,9 +368,19 @@ class Namespace:
             return
         self.journal.execute("UPDATE inodes SET nlink=nlink-1, ctime_ns=? WHERE id=?", (t, attr.id))
         key = self.path_of_name(parent, name)
-        self.journal.execute("UPDATE objects SET inode=NULL, stale_gen=? WHERE key=? AND inode=?", (gen, key, attr.id))
-        if (parent, name) == self.names_of.get(attr.id, [None])[0]:
-            self._mark_moved(attr.id, gen)  # a new canonical name: let the drain look at the others
+        only_copy = not attr.cached and not self._published_elsewhere(attr.id, key)
+        if not only_copy:
+            self.journal.execute("UPDATE objects SET inode=NULL, stale_gen=? WHERE key=? AND inode=?",
+                                 (gen, key, attr.id))
+        # else the object is the only copy of content the cache does not hold: it stays the inode's, the
+        # source the drain copies to the other names before it orphans it.
+        if only_copy or (parent, name) == self.names_of.get(attr.id, [None])[0]:
+            self._mark_moved(attr.id, gen)  # the drain looks at the other names again
+
+    def _published_elsewhere(self, ino: int, key: str | None) -> bool:
+        """Whether an object other than `key` holds `ino`'s content."""
+        return self.journal.one("SELECT 1 FROM objects WHERE inode=? AND key IS NOT ? AND key NOT LIKE '%/' LIMIT 1",
+                                (ino, key)) is not None
 
     def _forget_name(self, ino: int, parent: int, name: bytes) -> None:
         """After the commit: `ino` no longer has the name; if that was its last one, its uploads stop and

@@ -31,8 +31,8 @@ class ObjectBook:
                              (key, gen))
 
     def record(self, key: str, ino: int, size: int, digest: str, etag: str, gen: int) -> None:
-        """The bucket now holds `key`; it belongs to `ino` only if `ino` still lives under that key."""
-        live = self.ns.path_of(ino) is not None
+        """The bucket now holds `key`; it belongs to `ino` only if `ino` still has that name."""
+        live = key.rstrip("/") in self.ns.paths_of(ino)
         self.journal.execute(
             "INSERT OR REPLACE INTO objects (key, inode, size, digest, etag, stale_gen) VALUES (?, ?, ?, ?, ?, ?)",
             (key, ino if live else None, size, digest, etag, None if live else gen))

@@ -6,15 +6,18 @@ Rules (docs/SEMANTICS.md, "Commit scopes"):
    agrees. A pointer starts once every file under its directory that became ready before it is
    durable. Everything else starts as soon as it is due.
 2. Bandwidth goes to committed scopes, newest first and without preemption: the drain *selects*
-   the newest committed scope and keeps it selected until nothing of it is pending. The newest
-   committed scope besides it is the *next* one, recomputed every pass: it fills the gaps the
-   selected one leaves, and is the one selected after it. A committed scope older than the newest
-   durable one is selected only once retention had time to delete what it does not keep
-   (`old_ok`: those roots), alternating with newer ones (`prefer_old`), so a kept older checkpoint
-   is uploaded even while newer ones keep coming.
-3. Limiter priority (lower goes first): the selected scope, then the next one; then files outside
-   any committed scope in the order they became ready; then committed scopes not chosen (jobs of
-   those are not started, but a job started before its scope was committed keeps running).
+   the newest committed scope and keeps it selected until nothing of it is pending; then it selects
+   the newest one at that moment. No second scope is started alongside: under continuous
+   checkpointing the newest scope changes every few seconds, and parts started for a scope that
+   is superseded before it is selected were measured to halve the selected one's speed (the gaps
+   are filled by files outside committed scopes). A committed scope older than the newest durable
+   one is selected only once no newer one is pending, or, if it is *pinned* (`pinned`: a keep
+   policy keeps it for good, e.g. one checkpoint an hour), alternating with newer ones
+   (`prefer_old`), so it is uploaded even while newer ones keep coming. Either way only after
+   retention had time to delete what it drops (`old_ok`: roots superseded long enough).
+3. Limiter priority (lower goes first): the selected scope; then files outside any committed scope
+   in the order they became ready; then committed scopes not selected (jobs of those are not
+   started, but a job started before its scope was committed keeps running).
 4. Stale keys are deleted markers and pointers first: a key below a directory whose stale marker
    or pointer is not yet deleted waits.
 
@@ -66,7 +69,7 @@ class Plan:
 
 def plan(rows: Sequence[Row], rename_scopes: Mapping[int, int], rules: ScopeRules, *,
          selected: int | None = None, newest_durable_seq: int | None = None, old_ok: Set[int] = frozenset(),
-         prefer_old: bool = False, room: int = 1 << 30,
+         pinned: Set[int] = frozenset(), prefer_old: bool = False, room: int = 1 << 30,
          gate: Callable[[str, str], bool] = lambda scope, marker: True) -> Plan:
     """What to start now. `rename_scopes`: root inode -> committed seq (journal table `scopes`);
     `selected`, `prefer_old` come from the last pass's plan, `newest_durable_seq` and `old_ok` from
@@ -78,11 +81,10 @@ def plan(rows: Sequence[Row], rename_scopes: Mapping[int, int], rules: ScopeRule
 
     finished = selected if selected is not None and selected not in scopes else None
     if selected not in scopes:
-        selected = _pick(scopes, None, newest_durable_seq, old_ok, prefer_old)
+        selected = _pick(scopes, newest_durable_seq, old_ok, pinned, prefer_old)
         if selected is not None:
             prefer_old = not _is_old(scopes[selected], newest_durable_seq)
-    after = _pick(scopes, selected, newest_durable_seq, old_ok, prefer_old)
-    rank = {root: i for i, root in enumerate((selected, after)) if root is not None}
+    rank = {selected: 0} if selected is not None else {}
     priority = {r.ino: _priority(r, scope_of[r.ino], rank, scopes) for r in rows}
     _inherit(priority, waiting)
     start = sorted((ino for ino in ready if priority[ino][0] < 2), key=priority.__getitem__)
@@ -158,17 +160,19 @@ def _is_old(scope: Scope, newest_durable_seq: int | None) -> bool:
     return newest_durable_seq is not None and scope.committed_seq < newest_durable_seq
 
 
-def _pick(scopes: Mapping[int, Scope], besides: int | None, newest_durable_seq: int | None,
-          old_ok: Set[int], prefer_old: bool) -> int | None:
-    """The scope to select: the newest committed one, or (alternating) the oldest of those older than
-    the newest durable scope that retention kept (`old_ok`)."""
-    candidates = [s for root, s in scopes.items() if root != besides]
-    newer = [s for s in candidates if not _is_old(s, newest_durable_seq)]
-    older = [s for s in candidates if _is_old(s, newest_durable_seq) and s.root in old_ok]
-    if older and (prefer_old or not newer):
-        return min(older, key=lambda s: s.committed_seq).root
+def _pick(scopes: Mapping[int, Scope], newest_durable_seq: int | None, old_ok: Set[int], pinned: Set[int],
+          prefer_old: bool) -> int | None:
+    """The scope to select: the newest committed one; alternating with it, the oldest pinned one
+    older than the newest durable scope; other older ones only when nothing newer is pending."""
+    newer = [s for s in scopes.values() if not _is_old(s, newest_durable_seq)]
+    older = [s for s in scopes.values() if _is_old(s, newest_durable_seq) and s.root in old_ok]
+    kept = [s for s in older if s.root in pinned]
+    if kept and (prefer_old or not newer):
+        return min(kept, key=lambda s: s.committed_seq).root
     if newer:
         return max(newer, key=lambda s: s.committed_seq).root
+    if older:
+        return max(older, key=lambda s: s.committed_seq).root
     return None
 
 

@@ -45,7 +45,7 @@ from . import durability
 from .files import FileRecord, digest_file, fsync_dir, write_atomic
 from .formats import Format, RankContext, get_format
 from .policies import (CheckpointInfo, Continuous, KeepAll, KeepFn, KeepPolicy, RetentionPlan,
-                       SavePolicy, plan_retention)
+                       SavePolicy, pins_of, plan_retention)
 from .snapshot import Snapshotter
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,7 @@ class ContinuousCheckpointer:
         self._infos_lock = threading.Lock()
         self._retain_lock = threading.Lock()  # one retention pass at a time
         self._durable_seen: set[int] = set()  # durable stays durable: asked once per step
+        self._pinned: set[int] = set()  # steps marked user.ckptfs.keep
         self._newest_durable: int | None = None
         self._n_deleted = self._n_superseded = 0
         self._poll_s = durability_poll_s
@@ -327,11 +328,22 @@ class ContinuousCheckpointer:
             for step in plan.incomplete:
                 log.info("removing incomplete checkpoint %s", self.step_dir(step))
                 shutil.rmtree(self.step_dir(step))
+            self._pin(set(plan.owed) & pins_of(self._keep, infos))
             with self._cond:
                 self._newest_durable = plan.newest_durable
                 self._n_deleted += len(plan.delete)
                 self._n_superseded += len(plan.superseded)
             return plan
+
+    def _pin(self, steps: set[int]) -> None:
+        """Tell the gateway which pending checkpoints the keep policy keeps for good, so it uploads them
+        even while newer ones keep coming (docs/SEMANTICS.md, "Commit scopes")."""
+        for step in steps - self._pinned:
+            try:
+                os.setxattr(self.step_dir(step), durability.KEEP_XATTR, b"1")
+            except OSError:
+                pass  # not a ckptfs mount (or an older one): nothing to tell
+            self._pinned.add(step)
 
     def _durable_step(self, step: int) -> bool:
         if step in self._durable_seen:

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 STATE_XATTR = "user.ckptfs.state"
 STATUS_XATTR = "user.ckptfs.status"
+KEEP_XATTR = "user.ckptfs.keep"  # written by the checkpointer: the gateway uploads this one even if newer ones exist
 
 #: A durability probe: True when the path and everything below it is durable.
 DurabilityProbe = Callable[[str], bool]

@@ -106,6 +106,12 @@ class KeepPolicy:
     def __call__(self, infos: Sequence[CheckpointInfo]) -> set[int]:
         return self.keep(infos)
 
+    def pins(self, infos: Sequence[CheckpointInfo]) -> set[int]:
+        """The kept steps that stay kept however many newer checkpoints come (one an hour, the
+        best N): the gateway uploads these even while newer ones keep coming (user.ckptfs.keep).
+        What only `LatestN` keeps is dropped soon anyway, so it waits until nothing newer is pending."""
+        return self.keep(infos)
+
     def __or__(self, other) -> "AnyOf":
         return AnyOf(self, other)
 
@@ -133,6 +139,9 @@ class AnyOf(KeepPolicy):
             kept |= set(p(infos))
         return kept
 
+    def pins(self, infos):
+        return set().union(*(pins_of(p, infos) for p in self.policies))
+
     def __repr__(self):
         return " | ".join(map(repr, self.policies))
 
@@ -153,6 +162,9 @@ class LatestN(KeepPolicy):
 
     def keep(self, infos):
         return {i.step for i in infos[max(0, len(infos) - self.n):]} if self.n > 0 else set()
+
+    def pins(self, infos):
+        return set()
 
 
 def _first_per_window(infos: Sequence[CheckpointInfo], key: Callable[[CheckpointInfo], float],
@@ -240,6 +252,11 @@ class RetentionPlan:
     superseded: tuple[int, ...] = ()
     incomplete: tuple[int, ...] = ()
     owed: tuple[int, ...] = ()
+
+
+def pins_of(keep: KeepPolicy | KeepFn, infos: Sequence[CheckpointInfo]) -> set[int]:
+    """`keep.pins(infos)`; a plain callable pins what it keeps."""
+    return keep.pins(infos) if isinstance(keep, KeepPolicy) else set(keep(infos))
 
 
 def plan_retention(infos: Sequence[CheckpointInfo], keep: KeepPolicy | KeepFn,

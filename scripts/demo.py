@@ -162,8 +162,8 @@ def print_summary(s: dict) -> None:
     sync_ms = 1e3 * (s["sync_torch_save_stall_s"] or 0)
     lines = [
         ("training", f"{s['steps']} steps in {s['seconds']} s, state {s['state_bytes'] / 2**20:.0f} MiB"),
-        ("checkpoints saved", f"{s['checkpoints_saved']} ({s['superseded']} superseded before upload, "
-                              "deleted locally, never uploaded)"),
+        ("checkpoints saved", f"{s['checkpoints_saved']} ({s['superseded']} superseded before they were "
+                              "durable: deleted locally, never complete in the bucket)"),
         ("P50 checkpoint interval", f"{s['p50_interval_steps']} steps"),
         ("mean stall per save", f"{stall_ms:.1f} ms (synchronous torch.save of the same state: {sync_ms:.0f} ms)"),
         ("process restart costs", f"{_steps(s['restart_loss_steps'])} on average (newest local checkpoint)"),

@@ -58,10 +58,9 @@ OPEN_MODES = {  # O_NONBLOCK: no effect on files; a FIFO opens at once (or ENXIO
     "x": os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NONBLOCK,
     "rw": os.O_RDWR | os.O_CREAT | os.O_NONBLOCK,
 }
-# The drain publishes a hard-linked file under its canonical (oldest) name only, until it uploads
-# every name (Namespace.paths_of). Until then, examples that made a hard link skip the bucket checks;
-# t3_posix_test.test_every_hard_link_is_an_object says when this can become True.
-EVERY_NAME_PUBLISHED = False
+# The drain publishes every name of a hard-linked file that is not a temporary name, so examples that
+# made a hard link get the bucket checks too (set False to skip them while debugging the drain).
+EVERY_NAME_PUBLISHED = True
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -111,6 +110,7 @@ class Context:
     bucket_keys = None  # () -> {relative key: size}
     get_object = None   # (relative key) -> bytes
     linked_examples: ClassVar[set[str]] = set()  # example directories that made a hard link
+    logs: ClassVar[dict[str, list[str]]] = {}  # example directory -> its operations, for failure messages
 
 
 def wait_drained(mount_root: Path, timeout: float = 30) -> None:
@@ -350,6 +350,7 @@ class SideBySide(RuleBasedStateMachine):
                 assert sorted(os.listdir(self.roots[0] / rel)) == sorted(os.listdir(self.roots[1] / rel)), rel
 
     def teardown(self):
+        Context.logs[self.roots[0].name] = self.log
         for fds in self.open_fds.values():
             for fd in fds:
                 os.close(fd)
@@ -401,8 +402,9 @@ def test_mount_behaves_like_a_local_directory(make_mount, tmp_path):
         time.sleep(0.2)
         keys = {k: v for k, v in m.keys().items() if checked_in_bucket(k)}
     assert not [k for k in keys if is_held(k.rstrip("/"))], "a temporary name reached the bucket"
-    assert set(keys) == set(expected), (
-        f"missing {sorted(set(expected) - set(keys))[:10]}, extra {sorted(set(keys) - set(expected))[:10]}")
+    differ = sorted(set(expected) ^ set(keys))
+    assert not differ, (f"missing {sorted(set(expected) - set(keys))[:10]}, extra {sorted(set(keys) - set(expected))[:10]}; "
+                        f"operations of {differ[0].split('/')[0]}: {Context.logs.get(differ[0].split('/')[0])}")
     for key, digest in expected.items():
         body = client.get_object(Bucket=m.bucket, Key=f"{m.prefix}/{key}")["Body"].read()
         if digest is None:

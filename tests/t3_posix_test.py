@@ -299,9 +299,40 @@ def test_every_hard_link_is_an_object(mount, d):
     assert bucket_keys_below(mount, d, {"g"}) == {"g"}
 
 
+def test_a_hard_link_under_a_temporary_name_is_not_an_object(mount, d):
+    (d / "f").write_bytes(b"x")
+    os.link(d / "f", d / "f.tmp")
+    mount.wait(timeout=60)
+    assert bucket_keys_below(mount, d, {"f"}, timeout=5) == {"f"}
+
+
+def test_a_final_hard_link_of_a_held_file_is_published(mount, d):
+    (d / "f.tmp").write_bytes(b"x")
+    os.link(d / "f.tmp", d / "f")
+    mount.wait(timeout=20)
+    assert bucket_keys_below(mount, d, {"f"}, timeout=5) == {"f"}
+
+
 def object_bytes(mount: Mount, path: Path) -> bytes:
     key = f"{mount.prefix}/{path.relative_to(mount.path).as_posix()}"
     return mount.s3.boto3_client().get_object(Bucket=mount.bucket, Key=key)["Body"].read()
+
+
+def test_unlinking_the_published_name_of_an_uncached_linked_file_keeps_its_content(make_mount, tmp_path):
+    data = os.urandom(300_000)
+    a = make_mount("a")
+    (a.path / "f").write_bytes(data)
+    a.wait(timeout=60)
+    a.unmount()
+    b = make_mount("b", cache_dir=tmp_path / "fresh-cache")  # f is known from the listing, not cached
+    os.link(b.path / "f", b.path / "g")
+    os.unlink(b.path / "f")  # the object f is the only copy: it is copied to g before it goes
+    b.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while set(b.keys()) != {"g"} and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert set(b.keys()) == {"g"}
+    assert object_bytes(b, b.path / "g") == data and (b.path / "g").read_bytes() == data
 
 
 def test_fifos_sockets_and_devices_are_never_uploaded(mount, d):

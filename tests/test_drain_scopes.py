@@ -113,3 +113,19 @@ def test_rename_of_a_large_durable_file_is_a_multipart_copy(make_mount):
     assert status["copied_files_total"] == 1 and status["uploaded_files_total"] == 1
     time.sleep(0.1)
     assert m.state("moved") == "durable"
+
+
+def test_keep_attribute_pins_a_checkpoint_and_is_the_only_writable_control_attribute(ckptfs_mount):
+    m = ckptfs_mount
+    (m.path / "step_1").mkdir()
+    os.setxattr(m.path / "step_1", "user.ckptfs.keep", b"1")
+    assert os.getxattr(m.path / "step_1", "user.ckptfs.keep") == b"1"
+    for name in ("user.ckptfs.state", "user.ckptfs.key"):
+        try:
+            os.setxattr(m.path / "step_1", name, b"x")
+        except PermissionError:
+            pass
+        else:
+            raise AssertionError(f"{name} must stay read-only")
+    os.removexattr(m.path / "step_1", "user.ckptfs.keep")
+    assert "user.ckptfs.keep" not in os.listxattr(m.path / "step_1")

@@ -227,6 +227,21 @@ def test_unlink_of_the_canonical_name_moves_it_to_the_next_oldest(ns):
     assert ino in pending(ns)  # the drain looks again: its canonical key changed
 
 
+def test_the_only_copy_of_an_evicted_file_stays_until_another_name_has_it(ns):
+    ino = new_file(ns, ROOT_INODE, b"f")
+    publish(ns, ino, "f")
+    ns.set_cached(ino, False)  # evicted: the object is the only copy
+    ns.link(ino, ROOT_INODE, b"g")
+    ns.unlink(ROOT_INODE, b"f")
+    assert object_owner(ns, "f") == ino and ns.remote_key(ino) == "f"  # a source to copy or fetch from
+    assert ino in pending(ns)
+    publish(ns, ino, "g")  # once the drain has copied it to g, the unlink of a name stales its key
+    ns.link(ino, ROOT_INODE, b"h")
+    publish(ns, ino, "h")
+    ns.unlink(ROOT_INODE, b"h")
+    assert object_owner(ns, "h") is None
+
+
 def test_unlink_of_the_last_name_makes_every_object_stale(ns, purged):
     ino = new_file(ns, ROOT_INODE, b"f")
     ns.link(ino, ROOT_INODE, b"g")
@@ -302,3 +317,21 @@ def test_rename_changes_ctime_of_the_file_and_both_directories(ns):
     assert ns.getattr(ino).ctime_ns > before[ino].ctime_ns
     for d in (a, b):
         assert ns.getattr(d).mtime_ns > before[d].mtime_ns and ns.getattr(d).ctime_ns > before[d].ctime_ns
+
+
+def test_local_nodes_and_links_survive_a_restart_and_recovery(journal, tmp_path):
+    from gateway.cache import CacheFiles
+    from gateway.daemon import recover
+
+    ns = Namespace(journal, uid=0, gid=0, on_purge=lambda ino: None)
+    fifo = ns.create(ROOT_INODE, b"fifo", FIFO, 5, 6, rdev=0).id
+    dev = ns.create(ROOT_INODE, b"dev", stat.S_IFCHR | 0o600, 0, 0, rdev=0x0103).id
+    ino = ns.create(ROOT_INODE, b"f", FILE, 0, 0).id
+    ns.opened(ino, writable=True)  # still open for writing when the daemon dies
+    ns.link(ino, ROOT_INODE, b"g")
+    assert ns.getattr(ino).ready_seq is None  # a link does not make a file being written ready
+    again = Namespace(journal, uid=0, gid=0, on_purge=lambda ino: None)
+    summary = recover(again, CacheFiles(tmp_path / "cache"), journal)
+    assert summary["made_ready"] == 1 and pending(again) - {ROOT_INODE} == {ino}  # not the local nodes
+    assert (again.getattr(fifo).mode, again.getattr(fifo).uid) == (FIFO, 5)
+    assert again.getattr(dev).rdev == 0x0103 and again.paths_of(ino) == ["f", "g"]

@@ -97,3 +97,12 @@ def test_plan_invariants(steps, durable_set, n, partial):
     assert plan.superseded == tuple(s for s in plan.delete if s not in durable_set)
     assert plan.owed == tuple(s for s in steps if s not in plan.delete and s not in durable_set)
     assert all(newest is not None and s < newest for s in plan.incomplete)
+
+
+def test_pins_are_what_stays_kept_however_many_newer_checkpoints_come():
+    from mount.policies import pins_of
+    ck = infos(1, 2, 3, 4, 5, times=[0, 1000, 3600, 3700, 3800])
+    assert pins_of(LatestN(3), ck) == set()  # dropped soon anyway: uploaded once nothing newer is pending
+    assert pins_of(EveryNSeconds(3600) | LatestN(3), ck) == {1, 3}
+    assert pins_of(lambda xs: {x.step for x in xs if x.step % 2}, ck) == {1, 3, 5}
+    assert pins_of(KeepAll(), ck) == {1, 2, 3, 4, 5}

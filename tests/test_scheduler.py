@@ -85,10 +85,10 @@ def test_newest_committed_scope_is_selected_and_keeps_its_rank():
     p2 = plan(t.rows, {}, RULES, selected=p.selected, prefer_old=p.prefer_old)
     assert p2.selected == step2
     assert all(p2.priority[n] < p2.priority[newest] for n in new)
-    # step_3 is next (it fills the gaps) and step_1, superseded, comes after everything
+    # no second scope is started alongside (superseded before selected, its parts would be waste)
+    assert newest not in p2.start and old[0] not in p2.start
     assert p2.priority[newest] < p2.priority[old[0]]
-    assert old[0] not in p2.start, "a superseded scope that is not chosen is not started"
-    assert step1 not in (p2.selected,)
+    assert step1 != p2.selected
 
 
 def test_files_outside_committed_scopes_go_after_the_selected_scope_in_fifo_order():
@@ -126,7 +126,7 @@ def test_single_file_renamed_into_place_inside_a_marker_scope_belongs_to_the_mar
     assert p.priority[state][0] == 0
 
 
-def test_older_scope_kept_by_retention_is_selected_alternately():
+def test_pinned_older_scope_is_selected_alternately_others_only_when_nothing_newer_is_pending():
     t = Tree()
     old = t.file("step_1/s", 1)
     t.file("step_1/COMMIT", 2)
@@ -134,12 +134,18 @@ def test_older_scope_kept_by_retention_is_selected_alternately():
     t.file("step_3/COMMIT", 11)
     step1, step3 = t.dirs["step_1"], t.dirs["step_3"]
     # step_2 (seq 5) is durable; step_1 is older: not before retention had its chance (old_ok)
-    p = plan(t.rows, {}, RULES, newest_durable_seq=5, old_ok=frozenset(), prefer_old=True)
+    p = plan(t.rows, {}, RULES, newest_durable_seq=5, old_ok=frozenset(), pinned={step1}, prefer_old=True)
     assert p.selected == step3
+    # kept by retention but not pinned (LatestN's second newest): only once nothing newer is pending
     p = plan(t.rows, {}, RULES, newest_durable_seq=5, old_ok={step1}, prefer_old=True)
-    assert p.selected == step1 and old in p.start
-    p = plan(t.rows, {}, RULES, newest_durable_seq=5, old_ok={step1}, prefer_old=False)
     assert p.selected == step3
+    # pinned (one checkpoint an hour): every other pick
+    p = plan(t.rows, {}, RULES, newest_durable_seq=5, old_ok={step1}, pinned={step1}, prefer_old=True)
+    assert p.selected == step1 and old in p.start and p.prefer_old is False
+    p = plan(t.rows, {}, RULES, newest_durable_seq=5, old_ok={step1}, pinned={step1}, prefer_old=False)
+    assert p.selected == step3
+    only_old = [r for r in t.rows if r.path.startswith("step_1/")]
+    assert plan(only_old, {}, RULES, newest_durable_seq=5, old_ok={step1}).selected == step1
 
 
 def test_deleted_scope_disappears_and_the_next_one_is_selected():
