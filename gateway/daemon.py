@@ -37,7 +37,13 @@ from gateway.space import SpaceGuard
 from gateway.store import Store
 
 log = logging.getLogger(__name__)
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+M_TRIM_THRESHOLD = -1  # glibc mallopt parameters
+M_MMAP_THRESHOLD = -3
+# Just above one FUSE write request (1 MiB of data plus its header): those buffers are reused from
+# the heap; upload parts (>= 5 MiB) stay mmap'd. Larger values (4 MiB / 8 MiB) cost ~100 MiB of
+# peak RSS while draining 4 GiB (docs/PERFORMANCE.md).
+MMAP_THRESHOLD_BYTES = 2 << 20
+TRIM_THRESHOLD_BYTES = 2 << 20
 RESTART_S = 1.0  # pause before a background service that failed is started again
 MOUNT_ATTEMPTS = 4  # bucket check and listing at mount: ~3.5 s of retries before a one-line error
 
@@ -265,10 +271,15 @@ def pin_mmap_threshold() -> None:
 
     glibc raises its mmap threshold after large frees, after which 16 MiB part buffers come from the
     heap and stay there: peak RSS while draining 4 GiB was 455 MiB, 230 MiB with the threshold
-    pinned at 1 MiB (docs/PERFORMANCE.md, bench_rss).
+    pinned at 1 MiB (docs/PERFORMANCE.md, bench_rss). Pinned at 2 MiB, with the heap trimmed only
+    above 2 MiB free, the 1 MiB buffer pyfuse3 copies each write request into is reused from the
+    heap instead of being mmap'd, page-faulted and unmapped per request (most of the FUSE thread's
+    CPU time per GiB written).
     """
     try:
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
     except (OSError, AttributeError):
         log.debug("mallopt not available; RSS may stay higher after large uploads")
 

@@ -81,6 +81,7 @@ class OpenState:
     size: int | None = None   # current size while writes are pending in memory
     mtime_ns: int | None = None
     written: bool = False     # written since the journal last recorded size and mtime
+    recorded: bool = False    # the journal holds `size` and `mtime_ns` (flushed, nothing since)
     hasher: object = None     # xxh3-128 of the content, while it is written strictly sequentially from 0
     hashed: int = 0           # bytes fed to `hasher`
 
@@ -515,7 +516,7 @@ class Namespace:
             params.append(size)
         self.journal.execute(f"UPDATE inodes SET {', '.join(sets)} WHERE id=?", (*params, ino))
         state = self.open.get(ino)
-        if state is not None:
+        if state is not None:  # the UPDATE above wrote what it changes: `recorded` stays true
             if size is not None:
                 state.size = size
                 state.hasher = None if size else xxhash.xxh3_128()  # truncated to 0: hash anew
@@ -558,6 +559,7 @@ class Namespace:
         self._hash_write(state, current, offset, data)
         state.size = max(current, offset + len(data))
         state.mtime_ns = now_ns()
+        state.recorded = False
 
     @staticmethod
     def _hash_write(state: OpenState, size_before: int, offset: int, data: bytes) -> None:
@@ -576,12 +578,13 @@ class Namespace:
     def record_size(self, ino: int) -> None:
         """Write the in-memory size and mtime of an open file to the journal (flush, fsync, close)."""
         state = self.open.get(ino)
-        if state is None or state.size is None:
+        if state is None or state.size is None or state.recorded:
             return
         self.journal.execute(
             "UPDATE inodes SET size=?, mtime_ns=coalesce(?, mtime_ns), changed_at=? WHERE id=?",
             (state.size, state.mtime_ns, time.time(), ino),
         )
+        state.recorded = True
 
     def mark_ready(self, ino: int) -> None:
         """The file was closed after a change: give it its place in the commit order."""
@@ -647,12 +650,13 @@ class Namespace:
         if writable:
             state.writers -= 1
             if state.writers == 0 and state.written:
-                self.record_size(ino)
-                state.written = False
-                if state.hasher is not None and state.hashed == state.size:
-                    self.written_digests[ino] = (state.hasher.hexdigest(), state.hashed)
-                state.hasher = None
-                self.mark_ready(ino)
+                with self.journal.transaction():  # one commit for both
+                    self.record_size(ino)
+                    state.written = False
+                    if state.hasher is not None and state.hashed == state.size:
+                        self.written_digests[ino] = (state.hasher.hexdigest(), state.hashed)
+                    state.hasher = None
+                    self.mark_ready(ino)
             elif state.writers == 0 and self.getattr(ino).ready_seq is None:
                 self.mark_ready(ino)
         if state.handles == 0:
