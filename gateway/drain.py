@@ -28,6 +28,7 @@ import trio
 
 from gateway import digest as digests
 from gateway.cache import CacheFiles
+from gateway.cluster import SingleNodeGate, marker_scope
 from gateway.config import Config
 from gateway.errors import NoSuchKey, StoreError
 from gateway.journal import Journal
@@ -139,6 +140,7 @@ class Drain:
         self._wake = trio.Event()
         self._stopping = False
         self.started_at = time.time()
+        self.gate = SingleNodeGate()  # gateway.cluster.CommitGate: may a commit marker publish?
         ns.on_change = self.wake
 
     # ---- service ------------------------------------------------------------------------
@@ -310,6 +312,13 @@ class Drain:
             self._turn_changed.set()
             self._turn_changed = trio.Event()
 
+    async def _wait_publish(self, seq: int | None, key: str) -> None:
+        """The turn (commit order), then, for a commit marker, the gate (every node's files durable)."""
+        await self._wait_turn(seq)
+        scope = marker_scope(key)
+        while scope is not None and not self.gate.may_publish(scope, key):
+            await trio.sleep(0.05)
+
     async def _wait_turn(self, seq: int | None) -> None:
         """Block until every pending file before `seq` in the commit order is visible."""
         if seq is None:
@@ -446,7 +455,7 @@ class Drain:
         if not attr.content_dirty and key in have:
             return
         elif not attr.content_dirty and have:
-            await self._wait_turn(seq)
+            await self._wait_publish(seq, key)
             self._check_token(attr.id, token)
             await self._rescue_displaced(key, attr.id)
             await self._retrying(f"copy {have[0]} -> {key}", lambda: self.store.copy_object(have[0], key))
@@ -490,7 +499,7 @@ class Drain:
         if size <= self.config.part_size_bytes:
             # Wait for the turn before taking a slot: a slot held while waiting could starve the
             # parts of an earlier multipart upload (deadlock).
-            await self._wait_turn(attr.ready_seq)
+            await self._wait_publish(attr.ready_seq, key)
             await self._rescue_displaced(key, attr.id)
             async with self.part_limiter.slot((attr.ready_seq or 0, 0)):
                 body, crc, sha = await trio.to_thread.run_sync(digests.read_range_sums, path, 0, size)
@@ -505,7 +514,7 @@ class Drain:
 
     async def _upload_small(self, attr: Attr, key: str, token, body: bytes, kind: str) -> None:
         digest = digests.bytes_digest(body)
-        await self._wait_turn(attr.ready_seq)
+        await self._wait_publish(attr.ready_seq, key)
         self._check_token(attr.id, token)
         await self._rescue_displaced(key, attr.id)
         etag = await self.store.put_object(key, body, self._metadata(attr, digest, kind))
@@ -530,7 +539,7 @@ class Drain:
                                        min(part_size, size - offset), parts)
             parts_done = time.monotonic()
             self._check_token(attr.id, token)
-            await self._wait_turn(attr.ready_seq)
+            await self._wait_publish(attr.ready_seq, key)
             self._check_token(attr.id, token)
             await self._rescue_displaced(key, attr.id)
             turn = time.monotonic()

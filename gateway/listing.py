@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 import trio
 
@@ -38,28 +39,75 @@ def key_components(key: str) -> list[str] | None:
 class BucketListing:
     """Merges listings of the prefix into the namespace (`sync_once`, `run`)."""
 
-    def __init__(self, ns: Namespace, store: Store, ttl_s: float):
+    def __init__(self, ns: Namespace, store: Store, ttl_s: float, *, reconcile: bool = False,
+                 on_stale_data: Callable[[int], None] = lambda ino: None):
         self.ns = ns
         self.store = store
         self.ttl_s = ttl_s
+        # Several nodes (--cluster): files this node only knows from the bucket follow the bucket:
+        # dropped when another node deleted the object, refreshed when it overwrote it.
+        self.reconcile = reconcile
+        self.on_stale_data = on_stale_data
+        self.dropped = 0
+        self.refreshed = 0
         self.warned: set[str] = set()
         self.last_sync_at: float | None = None
         self.adopted = 0
 
     async def sync_once(self) -> int:
         """List the whole prefix and adopt unknown keys; returns how many entries were added."""
-        known = {r[0] for r in self.ns.journal.all("SELECT key FROM objects")}
+        known = dict(self.ns.journal.all("SELECT key, etag FROM objects"))
         added = 0
+        listed: dict[str, dict] = {}
         async for item in self.store.list_objects(""):
             key = self.store.relative_key(item["Key"])
+            if self.reconcile:
+                listed[key] = item
             if key in known:
                 continue
             added += self._adopt(key, item)
+        if self.reconcile:
+            self._reconcile(known, listed)
         self.last_sync_at = time.time()
         self.adopted += added
         if added:
             log.info("bucket listing: %d entries from the bucket added to the namespace", added)
         return added
+
+    def adopt_key(self, key: str, item: dict) -> int:
+        """Add one key found in the bucket (by a lookup or a cluster commit) unless it is known."""
+        if self.ns.journal.one("SELECT 1 FROM objects WHERE key=? AND inode IS NOT NULL", (key,)):
+            return 0
+        return self._adopt(key, item)
+
+    def _reconcile(self, known: dict[str, str], listed: dict[str, dict]) -> None:
+        """Clean files whose object vanished or changed in the bucket (another node deleted or
+        overwrote it) follow the bucket. `known` was read before the listing started, so an upload
+        that finished meanwhile is never mistaken for a deletion."""
+        for key, etag in known.items():
+            if key.endswith("/") or key.split("/", 1)[0] == PRIVATE_DIR:
+                continue
+            row = self.ns.journal.one("SELECT inode, etag FROM objects WHERE key=?", (key,))
+            if row is None or row[0] is None or row[1] != etag or etag is None:
+                continue  # changed by this node meanwhile
+            ino = row[0]
+            attr = self.ns.getattr(ino)
+            if not attr.durable or attr.content_dirty or ino in self.ns.open or self.ns.path_of(ino) != key:
+                continue
+            item = listed.get(key)
+            if item is None:
+                self.ns.forget_remote(ino, key)
+                self.dropped += 1
+                log.info("%s was deleted from the bucket (by another node): dropped here", key)
+            elif not etag:
+                self.ns.journal.execute("UPDATE objects SET etag=? WHERE key=?", (item.get("ETag", ""), key))
+            elif item.get("ETag") != etag:
+                mtime_ns = int(item["LastModified"].timestamp() * 1e9) if item.get("LastModified") else 0
+                self.ns.refresh_remote(ino, key, size=int(item.get("Size", 0)), mtime_ns=mtime_ns,
+                                       etag=item.get("ETag", ""))
+                self.on_stale_data(ino)
+                self.refreshed += 1
+                log.info("%s was overwritten in the bucket (by another node): refreshed here", key)
 
     def _adopt(self, key: str, item: dict) -> int:
         parts = key_components(key)

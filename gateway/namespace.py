@@ -96,6 +96,8 @@ class Namespace:
         self.journal = journal
         self.on_purge = on_purge
         self.on_change: Callable[[], None] = lambda: None
+        # Directory changes other nodes must see (op, path, new path): gateway/remote_ns.py in cluster mode.
+        self.on_event: Callable[[str, str, str | None], None] | None = None
         self.lookups: dict[int, int] = {}
         self.open: dict[int, OpenState] = {}
         self.entry_of: dict[int, tuple[int, bytes]] = {}
@@ -230,6 +232,8 @@ class Namespace:
             self._touch_dir(parent, t, gen)
         self.entry_of[ino] = (parent, name)
         self.on_change()
+        if is_dir and self.on_event is not None:
+            self.on_event("mkdir", self.path_of(ino) or "", None)
         return self.getattr(ino)
 
     def unlink(self, parent: int, name: bytes) -> int:
@@ -245,8 +249,26 @@ class Namespace:
             raise FsError(errno.ENOTDIR)
         if self.has_children(ino):
             raise FsError(errno.ENOTEMPTY)
+        path = self.path_of(ino) if self.on_event is not None else None
         self._remove_entry(parent, name, ino)
+        if path is not None:
+            self.on_event("rmdir", path, None)
         return ino
+
+    def remove_tree(self, ino: int) -> int:
+        """Drop a directory and everything below it (another node deleted it); returns entries removed."""
+        removed = 0
+        for _, name, child in self.readdir(ino, 0, limit=1 << 30):
+            if self.getattr(child).is_dir:
+                removed += self.remove_tree(child)
+            else:
+                self._remove_entry(ino, bytes(name), child)
+                removed += 1
+        entry = self.entry_of.get(ino)
+        if entry is not None and ino != ROOT_INODE:
+            self._remove_entry(entry[0], entry[1], ino)
+            removed += 1
+        return removed
 
     def _existing_child(self, parent: int, name: bytes) -> int:
         if name in (b".", b".."):
@@ -293,6 +315,7 @@ class Namespace:
             return None
         if target is not None:
             self._check_replace(moving, self.getattr(target))
+        old_path = self.path_of(ino) if moving.is_dir and self.on_event is not None else None
         t = now_ns()
         gen = self._next_gen()
         with self.journal.transaction():
@@ -315,6 +338,8 @@ class Namespace:
             self.entry_of.pop(target, None)
             self._maybe_purge(target)
         self.on_change()
+        if old_path is not None:
+            self.on_event("rename", old_path, self.path_of(ino) or "")
         return target
 
     def _check_replace(self, moving: Attr, target: Attr) -> None:
@@ -560,6 +585,23 @@ class Namespace:
                     (key, ino, size, etag))
         self.entry_of[ino] = (parent, name)
         return ino
+
+    def forget_remote(self, ino: int, key: str) -> None:
+        """The object of a clean file vanished from the bucket (another node deleted it): drop the
+        name here without deleting anything in the bucket."""
+        entry = self.entry_of.get(ino)
+        if entry is None:
+            return
+        self._remove_entry(entry[0], entry[1], ino)
+        self.journal.execute("DELETE FROM objects WHERE key=? AND inode IS NULL", (key,))
+
+    def refresh_remote(self, ino: int, key: str, *, size: int, mtime_ns: int, etag: str) -> None:
+        """Another node overwrote a clean file's object: take its size, drop the cached content."""
+        t = mtime_ns or now_ns()
+        with self.journal.transaction():
+            self.journal.execute("UPDATE inodes SET size=?, mtime_ns=?, ctime_ns=?, cached=0, digest=NULL "
+                                 "WHERE id=?", (size, t, t, ino))
+            self.journal.execute("UPDATE objects SET size=?, etag=?, digest=NULL WHERE key=?", (size, etag, key))
 
     def set_cached(self, ino: int, cached: bool) -> None:
         self.journal.execute("UPDATE inodes SET cached=? WHERE id=?", (int(cached), ino))
