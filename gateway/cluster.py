@@ -462,7 +462,7 @@ class Cluster:
         raw, etag = await self.store.get_record(key)
         existing = json.loads(raw)
         decision = rec.may_take_over(existing, self.member, live)
-        if decision == "resume" and existing.get("state") == "pending":
+        if decision == "resume" and existing.get("state") in ("pending", "granted"):
             commit.commit_id, commit.required, commit.etag = existing["commit_id"], existing["required"], etag
             return True
         if decision in ("resume", "replace"):
@@ -485,10 +485,34 @@ class Cluster:
         commit.answered = answered & set(commit.required)
         missing = rec.missing_members(commit.required, commit.answered)
         if not missing:
-            commit.state, commit.error = "granted", None
-            log.info("cluster: every node answered commit %s of %s", commit.commit_id, commit.scope)
+            await self._grant(commit)
             return
         await self._refresh_waiting_info(commit, missing)
+
+    async def _grant(self, commit: HeldCommit) -> None:
+        """Every node answered: record "granted" with If-Match on our ETag. If another node replaced
+        the record meanwhile (it took us for lost), we lost the scope and never publish."""
+        body = json.loads(rec.commit_record(commit.scope, commit.markers[0], commit.commit_id, self.member,
+                                            commit.required, commit.started_at))
+        body.update(state="granted", granted_at=time.time())
+        try:
+            commit.etag = await self.store.put_record(rec.commit_key(commit.scope), json.dumps(body).encode(),
+                                                      if_match=commit.etag)
+        except StoreError as exc:
+            if exc.code not in ("PreconditionFailed", "NoSuchKey"):
+                raise
+            if exc.code == "PreconditionFailed":  # perhaps our own earlier attempt, its answer lost
+                raw, etag = await self.store.get_record(rec.commit_key(commit.scope))
+                record = json.loads(raw)
+                if record.get("commit_id") == commit.commit_id and record.get("state") == "granted":
+                    commit.etag, commit.state, commit.error = etag, "granted", None
+                    return
+            commit.state = "conflict"
+            commit.error = "the commit record was replaced by another node; this marker is never published"
+            log.error("cluster: %s: %s", commit.scope, commit.error)
+            return
+        commit.state, commit.error = "granted", None
+        log.info("cluster: every node answered commit %s of %s", commit.commit_id, commit.scope)
 
     async def _refresh_waiting_info(self, commit: HeldCommit, missing: list[str]) -> None:
         """Every lease interval: what the nodes we wait for report (lease age, their pending files)."""

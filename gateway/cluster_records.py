@@ -144,13 +144,16 @@ def may_take_over(existing: dict, me: str, live_members: set[str]) -> str:
     """What a node holding a marker does about a commit record it found for its scope.
 
     "resume": it is this node's own (a restart with the same journal);
-    "replace": the old commit is finished (committed, abandoned) or its owner's lease is gone:
-               replace it with If-Match on its ETag (of two racers, one wins);
-    "conflict": another live node is committing this scope: never publish a second marker.
+    "replace": the old commit is finished (committed, abandoned), or still pending while its
+               owner's lease is gone: replace it with If-Match on its ETag (of two racers, one
+               wins; the old owner's own If-Match to "granted" then fails, so it never publishes);
+    "conflict": another node is committing this scope, or was granted it (its marker may be out):
+               never publish a second marker.
     """
+    state = existing.get("state")
     if existing.get("owner") == me:
         return "resume"
-    if existing.get("state") in ("committed", "abandoned") or existing.get("owner") not in live_members:
+    if state in ("committed", "abandoned") or (state == "pending" and existing.get("owner") not in live_members):
         return "replace"
     return "conflict"
 

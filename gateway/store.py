@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 TRANSIENT_CODES = {
     "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed",
     "Throttling", "ThrottlingException", "OperationAborted", "BadDigest", "IncompleteBody",
-    "XAmzContentSHA256Mismatch",
+    "XAmzContentSHA256Mismatch", "ConditionalRequestConflict",
 }
 MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 METADATA_DIGEST = "ckptfs-xxh3"
