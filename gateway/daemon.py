@@ -114,7 +114,7 @@ async def _serve_locked(config: Config, journal: Journal, on_ready: Callable[[],
                      max_connections=config.upload_concurrency + 8) as store:
         await _at_mount(f"cannot use s3://{config.bucket}", store.check_bucket, timeout_s=30)
         listing = BucketListing(ns, store, config.metadata_ttl_s, reconcile=config.cluster,
-                                on_stale_data=cache.remove)
+                                on_stale_entry=_forget_entry)
         cluster = _cluster(config, ns, store, journal, listing)
         if cluster is not None:  # our lease exists before any write of ours: commits wait for us
             await _at_mount(f"cannot register in s3://{config.bucket}/{config.prefix}", cluster.register,
@@ -142,6 +142,14 @@ async def _serve_locked(config: Config, journal: Journal, on_ready: Callable[[],
                 await fetch_nursery.start(cluster.run)
             await _run_mounted(config, ops, drain, on_ready, cluster)
             fetch_nursery.cancel_scope.cancel()
+
+
+def _forget_entry(parent: int, name: bytes) -> None:
+    """Another node deleted or replaced a file: the kernel must look the name up again."""
+    try:
+        pyfuse3.invalidate_entry_async(parent, name)
+    except Exception:  # best effort: the entry timeout bounds the staleness anyway
+        log.debug("invalidate_entry_async failed", exc_info=True)
 
 
 def _cluster(config: Config, ns: Namespace, store: Store, journal: Journal, listing: BucketListing):

@@ -40,14 +40,14 @@ class BucketListing:
     """Merges listings of the prefix into the namespace (`sync_once`, `run`)."""
 
     def __init__(self, ns: Namespace, store: Store, ttl_s: float, *, reconcile: bool = False,
-                 on_stale_data: Callable[[int], None] = lambda ino: None):
+                 on_stale_entry: Callable[[int, bytes], None] = lambda parent, name: None):
         self.ns = ns
         self.store = store
         self.ttl_s = ttl_s
         # Several nodes (--cluster): files this node only knows from the bucket follow the bucket:
         # dropped when another node deleted the object, refreshed when it overwrote it.
         self.reconcile = reconcile
-        self.on_stale_data = on_stale_data
+        self.on_stale_entry = on_stale_entry  # the kernel must forget a cached name
         self.dropped = 0
         self.refreshed = 0
         self.warned: set[str] = set()
@@ -95,19 +95,23 @@ class BucketListing:
             if not attr.durable or attr.content_dirty or ino in self.ns.open or self.ns.path_of(ino) != key:
                 continue
             item = listed.get(key)
+            if item is not None and not etag:
+                self.ns.journal.execute("UPDATE objects SET etag=? WHERE key=?", (item.get("ETag", ""), key))
+                continue
+            if item is not None and item.get("ETag") == etag:
+                continue
+            # Deleted, or overwritten: an overwrite shows as a new file under the name (a new
+            # inode: with the writeback cache the kernel keeps its own size of a known inode).
+            parent, name = self.ns.entry_of[ino]
+            self.ns.forget_remote(ino, key)
             if item is None:
-                self.ns.forget_remote(ino, key)
                 self.dropped += 1
                 log.info("%s was deleted from the bucket (by another node): dropped here", key)
-            elif not etag:
-                self.ns.journal.execute("UPDATE objects SET etag=? WHERE key=?", (item.get("ETag", ""), key))
-            elif item.get("ETag") != etag:
-                mtime_ns = int(item["LastModified"].timestamp() * 1e9) if item.get("LastModified") else 0
-                self.ns.refresh_remote(ino, key, size=int(item.get("Size", 0)), mtime_ns=mtime_ns,
-                                       etag=item.get("ETag", ""))
-                self.on_stale_data(ino)
+            else:
+                self._adopt(key, item)
                 self.refreshed += 1
                 log.info("%s was overwritten in the bucket (by another node): refreshed here", key)
+            self.on_stale_entry(parent, name)
 
     def _adopt(self, key: str, item: dict) -> int:
         parts = key_components(key)

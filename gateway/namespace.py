@@ -595,14 +595,6 @@ class Namespace:
         self._remove_entry(entry[0], entry[1], ino)
         self.journal.execute("DELETE FROM objects WHERE key=? AND inode IS NULL", (key,))
 
-    def refresh_remote(self, ino: int, key: str, *, size: int, mtime_ns: int, etag: str) -> None:
-        """Another node overwrote a clean file's object: take its size, drop the cached content."""
-        t = mtime_ns or now_ns()
-        with self.journal.transaction():
-            self.journal.execute("UPDATE inodes SET size=?, mtime_ns=?, ctime_ns=?, cached=0, digest=NULL "
-                                 "WHERE id=?", (size, t, t, ino))
-            self.journal.execute("UPDATE objects SET size=?, etag=?, digest=NULL WHERE key=?", (size, etag, key))
-
     def set_cached(self, ino: int, cached: bool) -> None:
         self.journal.execute("UPDATE inodes SET cached=? WHERE id=?", (int(cached), ino))
 
