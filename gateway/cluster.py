@@ -6,9 +6,11 @@ live lease when the marker was closed answers with its manifest for the scope on
 of it are durable; the marker is published when every one of them has answered. A node lost
 before answering blocks the commit for good: the marker never shows over a missing shard.
 
-`CommitGate` is what the drain asks before a marker may publish. `SingleNodeGate` (no --cluster)
-always says yes. Everything here runs in the daemon's trio loop; `may_publish`, `scope_state` and
-`status` are synchronous, do no I/O and never raise.
+`Cluster` is the drain's `CommitGate` (gateway/drain.py; without --cluster the drain's gate is
+always open). It announces a commit as soon as a marker is closed, not only when the drain first
+asks, so other nodes answer while this node's own files are still uploading. Everything here runs
+in the daemon's trio loop; `may_publish`, `scope_state` and `status` are synchronous, do no I/O
+and never raise.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import logging
 import random
 import socket
 import time
-from typing import Callable, Protocol
+from typing import Callable
 
 import trio
 
@@ -27,44 +29,15 @@ from gateway import cluster_records as rec
 from gateway.errors import NoSuchKey, StoreError
 from gateway.journal import Journal
 from gateway.namespace import SUBTREE_CTE, Namespace
+from gateway.scopes import ScopeRules
 from gateway.store import Store
 
 log = logging.getLogger(__name__)
 
-# Basenames of commit markers; a marker's scope is its parent directory (until the drain's
-# scheduler, issue 10, owns this list).
-MARKER_NAMES = frozenset({".metadata", "commit_success.txt", "COMMIT"})
 ACTIVE_WINDOW_S = 60.0      # poll fast this long after the last local change
 WAITING_FILES_SHOWN = 20    # pending paths a node reports per scope in its lease
 RETRY_BASE_S = 0.25
 RETRY_MAX_S = 10.0
-
-
-class CommitGate(Protocol):
-    wake: Callable[[], None]
-
-    def may_publish(self, scope: str, marker: str) -> bool: ...
-
-    def scope_state(self, scope: str) -> dict: ...
-
-
-class SingleNodeGate:
-    """One gateway on its prefix: a marker publishes as soon as the drain's own order allows."""
-
-    def __init__(self) -> None:
-        self.wake: Callable[[], None] = lambda: None
-
-    def may_publish(self, scope: str, marker: str) -> bool:
-        return True
-
-    def scope_state(self, scope: str) -> dict:
-        return {"scope": scope, "state": "single-node"}
-
-
-def marker_scope(path: str) -> str | None:
-    """The scope of a commit marker at `path` (its parent directory), or None if it is no marker."""
-    parent, _, name = path.rpartition("/")
-    return parent if name in MARKER_NAMES else None
 
 
 def load_identity(journal: Journal, configured: str | None) -> tuple[str, str]:
@@ -138,6 +111,7 @@ class Cluster:
         self.renewed_local: float | None = None    # local time the last successful renewal was sent
         self.lease_errors = 0
         self.namespace = None  # gateway.remote_ns.RemoteNamespace, set by the daemon
+        self.rules = ScopeRules(config.marker_patterns, config.pointer_patterns, config.hold_patterns)
         self._nursery: trio.Nursery | None = None
         self._lease_wake = trio.Event()
         self._poll_wake = trio.Event()
@@ -149,21 +123,35 @@ class Cluster:
 
     def may_publish(self, scope: str, marker: str) -> bool:
         try:
-            commit = self.held.get(scope)
-            if commit is None or commit.state == "abandoned" or (
-                    commit.state == "committed" and marker not in commit.markers):
-                if self._nursery is None:
-                    return False
-                commit = HeldCommit(scope, [marker])
-                self.held[scope] = commit
-                self._nursery.start_soon(self._hold_commit, commit)
-                return False
-            if marker not in commit.markers:
-                commit.markers.append(marker)  # a later marker of the same round shares its answers
-            return commit.granted
+            commit = self._commit_for(scope, marker)
+            return commit is not None and commit.granted
         except Exception:  # never raise into the drain
             log.exception("cluster gate failed for %s", scope)
             return False
+
+    def _commit_for(self, scope: str, marker: str) -> HeldCommit | None:
+        """The commit round of `scope` that covers `marker`; starts one (in the background) if none does."""
+        commit = self.held.get(scope)
+        if commit is None or commit.state == "abandoned" or (
+                commit.state == "committed" and marker not in commit.markers):
+            if self._nursery is None:
+                return None
+            commit = HeldCommit(scope, [marker])
+            self.held[scope] = commit
+            self._nursery.start_soon(self._hold_commit, commit)
+        elif marker not in commit.markers:
+            commit.markers.append(marker)  # a later marker of the same round shares its answers
+        return commit
+
+    def _announce_closed_markers(self) -> None:
+        """Start the round of every closed, unpublished marker now (the drain asks only once this
+        node's own files of the scope are durable; the other nodes can answer meanwhile)."""
+        rows = self.journal.all("SELECT id FROM inodes WHERE durable=0 AND nlink>0 AND ready_seq IS NOT NULL "
+                                "AND (mode & 61440) = 32768 LIMIT 4096")
+        for (ino,) in rows:
+            path = self.ns.path_of(ino)
+            if path and self.rules.is_marker(path) and not self.rules.is_held(path) and self.ns.writers(ino) == 0:
+                self._commit_for(path.rpartition("/")[0], path)
 
     def scope_state(self, scope: str) -> dict:
         commit = self.held.get(scope)
@@ -282,7 +270,8 @@ class Cluster:
 
     async def poll_once(self) -> None:
         """One look at the bucket: answer pending commits of others, learn finished ones, and
-        apply other nodes' namespace records."""
+        apply other nodes' namespace records (and announce markers closed here)."""
+        self._announce_closed_markers()
         async with self._poll_lock:
             await self._poll_pending()
             if self.namespace is not None:

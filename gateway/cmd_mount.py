@@ -38,6 +38,12 @@ def register(subparsers) -> None:
     p.add_argument("--upload-concurrency", type=int, help="parts uploaded in parallel")
     p.add_argument("--hold-pattern", dest="hold_patterns", action="append", help="temporary-name pattern (repeatable)")
     p.add_argument("--hold-limit", dest="hold_limit_s", type=float, help="seconds before a held file is uploaded anyway")
+    p.add_argument("--marker-pattern", dest="marker_patterns", action="append",
+                   help="commit-marker name pattern (repeatable; replaces the defaults)")
+    p.add_argument("--pointer-pattern", dest="pointer_patterns", action="append",
+                   help="pointer-file name pattern (repeatable; replaces the defaults)")
+    p.add_argument("--put-concurrency", dest="put_concurrency", type=int,
+                   help="single-request uploads, copies and deletes in flight")
     p.add_argument("--cache-size", help="cache size: bytes (64GiB) or percent of the cache disk (90%%)")
     p.add_argument("--metadata-ttl", dest="metadata_ttl_s", type=float, help="seconds between listings of the bucket")
     p.add_argument("--backpressure-timeout", dest="backpressure_timeout_s", type=float,
@@ -63,8 +69,8 @@ def register(subparsers) -> None:
 
 
 FLAG_FIELDS = ("cache_dir", "endpoint_url", "region", "foreground", "allow_other", "drain_delay_s",
-               "drain_timeout_s", "no_drain", "part_size_bytes", "upload_concurrency", "hold_patterns",
-               "hold_limit_s", "cache_size", "metadata_ttl_s", "backpressure_timeout_s", "metrics_addr", "log_level", "log_file",
+               "drain_timeout_s", "no_drain", "part_size_bytes", "upload_concurrency", "put_concurrency",
+               "hold_patterns", "marker_patterns", "pointer_patterns", "hold_limit_s", "cache_size", "metadata_ttl_s", "backpressure_timeout_s", "metrics_addr", "log_level", "log_file",
                "cluster", "node_id", "lease_interval_s", "cluster_poll_s", "remote_lookup_timeout_s")
 
 
@@ -201,7 +207,8 @@ def _alive(pid: int) -> bool:
 def _daemon_main(argv: list[str]) -> int:
     """Entry point of the background daemon (see start_background)."""
     values = json.loads(argv[0])
-    values["hold_patterns"] = tuple(values["hold_patterns"])
+    for key in configuration.LIST_OPTIONS:
+        values[key] = tuple(values[key])
     config = configuration.Config(**values)
     ready_fd = int(argv[1])
     try:

@@ -17,19 +17,15 @@ import tomllib
 from pathlib import Path
 from typing import Any, Mapping
 
+from gateway.scopes import DEFAULT_HOLD_PATTERNS, DEFAULT_MARKER_PATTERNS, DEFAULT_POINTER_PATTERNS
+
 DEFAULT_CONFIG_PATH = Path("/etc/ckptfs/ckptfs.toml")
 ENV_PREFIX = "CKPTFS_"
 log = logging.getLogger(__name__)
 
-# Names that training frameworks use for files or directories that are renamed into place later.
-# Such paths are held back from the bucket until renamed (see docs/SEMANTICS.md, "Temporary names").
-DEFAULT_HOLD_PATTERNS = (
-    "*.tmp",
-    "*.tmp.*",
-    "*.orbax-checkpoint-tmp*",
-    "*.__lock",
-    "*.partial",
-)
+# Temporary names are held back from the bucket until renamed (docs/SEMANTICS.md, "Temporary names");
+# markers and pointers order publication (docs/SEMANTICS.md, "Commit scopes").
+LIST_OPTIONS = ("hold_patterns", "marker_patterns", "pointer_patterns")
 
 
 class ConfigError(Exception):
@@ -56,8 +52,11 @@ class Config:
     no_drain: bool = False
     part_size_bytes: int = 16 * 1024 * 1024
     upload_concurrency: int = 8
+    put_concurrency: int = 32
     hold_patterns: tuple[str, ...] = DEFAULT_HOLD_PATTERNS
     hold_limit_s: float = 3600.0
+    marker_patterns: tuple[str, ...] = DEFAULT_MARKER_PATTERNS
+    pointer_patterns: tuple[str, ...] = DEFAULT_POINTER_PATTERNS
     # cache
     cache_size: str = "90%"
     cache_high_watermark: float = 0.90
@@ -89,8 +88,11 @@ SECTIONS = {
         "no_drain",
         "part_size_bytes",
         "upload_concurrency",
+        "put_concurrency",
         "hold_patterns",
         "hold_limit_s",
+        "marker_patterns",
+        "pointer_patterns",
     ),
     "cache": ("cache_size", "cache_high_watermark", "cache_low_watermark", "metadata_ttl_s",
               "backpressure_timeout_s"),
@@ -139,7 +141,7 @@ def env_name(key: str) -> str:
 
 def _kind(key: str) -> str:
     default = _FIELDS[key].default
-    if key == "hold_patterns":
+    if key in LIST_OPTIONS:
         return "list"
     for kind in (bool, int, float):
         if isinstance(default, kind):
@@ -299,6 +301,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("part_size_bytes: S3 allows parts of at most 5 GiB")
     if not 1 <= config.upload_concurrency <= 256:
         raise ConfigError("upload_concurrency: must be between 1 and 256")
+    if not 1 <= config.put_concurrency <= 1024:
+        raise ConfigError("put_concurrency: must be between 1 and 1024")
     if not 0 < config.cache_low_watermark < config.cache_high_watermark <= 1:
         raise ConfigError("cache_low_watermark/cache_high_watermark: need 0 < low < high <= 1")
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

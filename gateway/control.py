@@ -77,13 +77,7 @@ class Control:
             return "pending" if self._subtree_pending(ino) else "durable"
         if attr.durable:
             return "durable"
-        if ino in self.drain.busy_inodes:
-            return "uploading"
-        if attr.ready_seq is None or self.ns.writers(ino) > 0:
-            return "dirty"
-        if self.drain.held(self.ns.path_of(ino) or "", attr.changed_at, time.time()):
-            return "held"
-        return "queued"
+        return self.drain.state_of(attr)
 
     def _subtree_pending(self, ino: int) -> bool:
         if ino != ROOT_INODE and not self.ns.getattr(ino).durable:
@@ -129,6 +123,9 @@ class Control:
             "last_error_age_s": None if counters.last_error_at is None else round(now - counters.last_error_at, 3),
             "generation": self.ns.gen,
             "durable_through_generation": view.durable_through_gen,
+            "newest_durable_checkpoint_age_s": None if counters.newest_durable_scope_at is None
+            else round(now - counters.newest_durable_scope_at, 3),
+            "commit_waits": self.drain.commit_waits(),
         }
         if self.backpressure is not None:
             status.update(self.backpressure.statistics())

@@ -120,12 +120,9 @@ async def _serve_locked(config: Config, journal: Journal, on_ready: Callable[[],
             await _at_mount(f"cannot register in s3://{config.bucket}/{config.prefix}", cluster.register,
                             timeout_s=60)
         await _at_mount(f"cannot list s3://{config.bucket}/{config.prefix}", listing.sync_once, timeout_s=300)
-        drain = Drain(ns, cache, store, journal, config)
+        drain = Drain(ns, cache, store, journal, config, gate=cluster)  # sets cluster.wake = drain.wake
         control = Control(ns, cache, drain, journal, config)
-        if cluster is not None:
-            drain.gate = cluster
-            cluster.wake = drain.wake
-            control.cluster = cluster
+        control.cluster = cluster
         space = SpaceGuard(ns, cache, drain, limit_bytes=cache_size_bytes(config, _disk_bytes(cache)),
                            high=config.cache_high_watermark, low=config.cache_low_watermark,
                            timeout_s=config.backpressure_timeout_s)

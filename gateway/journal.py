@@ -60,7 +60,8 @@ CREATE TABLE IF NOT EXISTS objects (
     inode INTEGER,             -- inode whose content it holds; NULL: stale, deleted unless a live name maps here
     size INTEGER NOT NULL DEFAULT 0,
     digest TEXT,
-    etag TEXT
+    etag TEXT,
+    stale_gen INTEGER          -- while inode IS NULL: the namespace generation that made it stale
 );
 CREATE INDEX IF NOT EXISTS objects_inode ON objects(inode);
 
@@ -68,6 +69,13 @@ CREATE INDEX IF NOT EXISTS objects_inode ON objects(inode);
 CREATE TABLE IF NOT EXISTS multipart (
     upload_id TEXT PRIMARY KEY,
     key TEXT NOT NULL
+);
+
+-- Commit scopes made by a rename into place (docs/SEMANTICS.md, "Commit scopes"); scopes made by a
+-- commit marker need no row: the pending marker itself says so.
+CREATE TABLE IF NOT EXISTS scopes (
+    root INTEGER PRIMARY KEY,      -- inode of the directory or file renamed into place
+    committed_seq INTEGER NOT NULL -- its place in the commit order at the rename
 );
 
 CREATE TABLE IF NOT EXISTS meta (
@@ -91,9 +99,16 @@ class Journal:
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.execute("PRAGMA foreign_keys=OFF")
+        self._add_columns_of_older_schemas()
         self.conn.executescript(SCHEMA)
         self._wal_path = str(self.path) + "-wal"
         self._check_version()
+
+    def _add_columns_of_older_schemas(self) -> None:
+        """Journals written before a column existed get it (NULL), before the schema's indexes."""
+        columns = {row[1] for row in self.conn.execute("PRAGMA table_info(objects)")}
+        if columns and "stale_gen" not in columns:
+            self.conn.execute("ALTER TABLE objects ADD COLUMN stale_gen INTEGER")
 
     def _check_version(self) -> None:
         row = self.conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()

@@ -21,7 +21,7 @@ import sys
 
 from typing import Mapping
 
-from gateway.config import Config, env_name
+from gateway.config import LIST_OPTIONS, Config, env_name
 
 USAGE = "usage: mount.ckptfs s3://BUCKET[/PREFIX] MOUNTPOINT [-nsfv] [-o OPTION[,OPTION...]]"
 EXIT_USAGE, EXIT_FAIL = 1, 32  # mount(8) conventions
@@ -120,7 +120,7 @@ def translate(
             continue
         if not eq or not value:
             raise HelperError(f"{name}: needs a value ({name}=...)")
-        if key == "hold_patterns":
+        if key in LIST_OPTIONS:
             env[env_name(key)] = value.replace(":", ",")
         elif key in flags:
             argv += [flags[key], value]

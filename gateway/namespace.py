@@ -96,6 +96,7 @@ class Namespace:
         self.journal = journal
         self.on_purge = on_purge
         self.on_change: Callable[[], None] = lambda: None
+        self.on_removed: Callable[[int], None] = lambda ino: None  # a name was removed: cancel its uploads
         # Directory changes other nodes must see (op, path, new path): gateway/remote_ns.py in cluster mode.
         self.on_event: Callable[[str, str, str | None], None] | None = None
         self.lookups: dict[int, int] = {}
@@ -288,9 +289,10 @@ class Namespace:
             self.journal.execute(
                 "UPDATE inodes SET nlink=0, ctime_ns=?, durable=1, ready_seq=NULL WHERE id=?", (t, ino)
             )
-            self.journal.execute("UPDATE objects SET inode=NULL WHERE inode=?", (ino,))
+            self.journal.execute("UPDATE objects SET inode=NULL, stale_gen=? WHERE inode=?", (gen, ino))
             self._touch_dir(parent, t, gen)
         self.entry_of.pop(ino, None)
+        self.on_removed(ino)
         self._maybe_purge(ino)
         self.on_change()
 
@@ -324,7 +326,7 @@ class Namespace:
                 self.journal.execute(
                     "UPDATE inodes SET nlink=0, ctime_ns=?, durable=1, ready_seq=NULL WHERE id=?", (t, target)
                 )
-                self.journal.execute("UPDATE objects SET inode=NULL WHERE inode=?", (target,))
+                self.journal.execute("UPDATE objects SET inode=NULL, stale_gen=? WHERE inode=?", (gen, target))
             self.journal.execute(
                 "UPDATE dentries SET parent=?, name=? WHERE parent=? AND name=?",
                 (new_parent, new_name, old_parent, old_name),
@@ -334,8 +336,10 @@ class Namespace:
             self._touch_dir(new_parent, t, gen)
             self.entry_of[ino] = (new_parent, new_name)
             self._mark_moved(ino, gen)
+            self.journal.execute("INSERT OR REPLACE INTO scopes VALUES (?, ?)", (ino, self._next_seq()))
         if target is not None:
             self.entry_of.pop(target, None)
+            self.on_removed(target)
             self._maybe_purge(target)
         self.on_change()
         if old_path is not None:
@@ -549,6 +553,7 @@ class Namespace:
         with self.journal.transaction():
             self.journal.execute("DELETE FROM inodes WHERE id=?", (ino,))
             self.journal.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
+            self.journal.execute("DELETE FROM scopes WHERE root=?", (ino,))
         self.on_purge(ino)
 
     def purge_unlinked(self) -> list[int]:

@@ -232,6 +232,21 @@ class Store:
                                 MetadataDirective="COPY")
         return resp["CopyObjectResult"]["ETag"]
 
+    async def create_multipart_copy(self, key: str, metadata: dict[str, str]) -> str:
+        """A multipart upload whose parts are copied from another object (`upload_part_copy`)."""
+        resp = await self._call(f"create multipart {key}", "create_multipart_upload", Key=self.full_key(key),
+                                Metadata=metadata, **_tagging(key))
+        return resp["UploadId"]
+
+    async def upload_part_copy(self, source: str, key: str, upload_id: str, number: int, start: int,
+                               end: int) -> dict:
+        """Part `number` of `key` is bytes [start, end) of `source`, copied by the server."""
+        resp = await self._call(f"part {number} of {key} from {source}", "upload_part_copy", Key=self.full_key(key),
+                                UploadId=upload_id, PartNumber=number,
+                                CopySource={"Bucket": self.bucket, "Key": self.full_key(source)},
+                                CopySourceRange=f"bytes={start}-{end - 1}")
+        return {"PartNumber": number, "ETag": resp["CopyPartResult"]["ETag"]}
+
     async def delete_object(self, key: str) -> None:
         await self._call(f"DELETE {key}", "delete_object", Key=self.full_key(key))
 

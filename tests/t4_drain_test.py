@@ -169,20 +169,24 @@ def test_temp_names_never_reach_the_bucket_and_markers_come_last(ckptfs_mount):
     assert_bucket_equals_namespace(m)
 
 
-def test_commit_order_across_files(make_mount):
-    """A small marker closed after a large file is never visible before it."""
+def test_marker_waits_for_its_scope_and_nothing_else_waits(make_mount):
+    """A commit marker closed after large shards is never visible before them; a file outside any
+    scope is not held back by an unrelated large upload (no global order)."""
     m = make_mount(options=("--drain-delay", "0", "--part-size", "5MiB"))
     client = m.s3.boto3_client()
     with BucketWatcher(client, m.bucket, "run") as watcher:
         for i in range(3):
-            write_file(m.path / f"big{i}", os.urandom(20 * 1024 * 1024), fsync=False)
-            write_file(m.path / f"marker{i}", b"done", fsync=False)
+            (m.path / f"ckpt{i}").mkdir()
+            write_file(m.path / f"ckpt{i}" / "shard", os.urandom(20 * 1024 * 1024), fsync=False)
+            write_file(m.path / f"ckpt{i}" / "commit_success.txt", b"done", fsync=False)
+            write_file(m.path / f"note{i}", b"small", fsync=False)
         m.wait()
         time.sleep(0.2)
     for i in range(3):
-        earlier = {f"big{j}" for j in range(i + 1)} | {f"marker{j}" for j in range(i)}
-        assert not watcher.marker_violations(f"marker{i}", earlier)
-        assert any(f"marker{i}" in s for s in watcher.snapshots)
+        assert not watcher.marker_violations(f"ckpt{i}/commit_success.txt", {f"ckpt{i}/shard"})
+        assert any(f"ckpt{i}/commit_success.txt" in s for s in watcher.snapshots)
+    assert any("note0" in s and "ckpt2/shard" not in s for s in watcher.snapshots), \
+        "a small file outside any scope must not wait for earlier large uploads"
 
 
 def test_held_file_is_uploaded_after_hold_limit(make_mount):

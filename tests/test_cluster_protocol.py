@@ -6,15 +6,15 @@ files are made durable by hand, standing in for the drain.
 
 from __future__ import annotations
 
+import dataclasses
 import stat
-import time
-import types
 
 import pytest
 import trio
 
 from gateway import cluster_records as rec
-from gateway.cluster import Cluster, load_identity, marker_scope
+from gateway.cluster import Cluster, load_identity
+from gateway.config import Config
 from gateway.errors import StoreError
 from gateway.journal import Journal
 from gateway.namespace import ROOT_INODE, Namespace
@@ -63,13 +63,6 @@ def test_rmtree_bottom_up_becomes_one_record():
     assert coalesce(batch) == [("rmdir", "s/a", None), ("rmdir", "t", None)]
 
 
-def test_marker_scope():
-    assert marker_scope("run1/step_4/.metadata") == "run1/step_4"
-    assert marker_scope("run1/step_4/COMMIT") == "run1/step_4"
-    assert marker_scope("COMMIT") == ""
-    assert marker_scope("run1/step_4/__0_0.distcp") is None
-
-
 def test_identity_is_kept_and_a_fresh_journal_gets_a_new_incarnation(tmp_path):
     j1 = Journal(tmp_path / "j1.db")
     first = load_identity(j1, None)
@@ -87,8 +80,8 @@ class Node:
     def __init__(self, tmp_path, name: str, store: Store):
         self.journal = Journal(tmp_path / f"{name}.db")
         self.ns = Namespace(self.journal, uid=0, gid=0, on_purge=lambda ino: None)
-        config = types.SimpleNamespace(node_id=name, lease_interval_s=5.0, cluster_poll_s=0.05,
-                                       remote_lookup_timeout_s=1.0, mountpoint=f"/{name}")
+        config = dataclasses.replace(Config(), node_id=name, lease_interval_s=5.0, cluster_poll_s=0.05,
+                                     mountpoint=f"/{name}")
         self.cluster = Cluster(self.ns, store, self.journal, config)
         self.cluster.namespace = RemoteNamespace(self.ns, store, self.cluster.node)
 

@@ -1,0 +1,84 @@
+"""What this gateway believes the bucket holds: the journal's `objects` table.
+
+A row with an inode holds that inode's published content. A row without one is *stale*: the drain
+deletes it unless a live name maps to its key (then the next upload overwrites it). A row is
+written stale before any request that may create its key (`intend`), so an object whose answer a
+crash lost is still known, and deleted if nothing wants it (a file unlinked during its upload never
+comes back from the listing).
+"""
+
+from __future__ import annotations
+
+import time
+
+from gateway.journal import Journal
+from gateway.namespace import Namespace
+
+
+class ObjectBook:
+    def __init__(self, journal: Journal, ns: Namespace):
+        self.journal = journal
+        self.ns = ns
+        self.last_published_at: float | None = None
+
+    def keys_of(self, ino: int) -> list[str]:
+        return [r[0] for r in self.journal.all("SELECT key FROM objects WHERE inode=?", (ino,))]
+
+    def intend(self, key: str, gen: int) -> None:
+        """A request may create `key`: known from now on, stale until `record`."""
+        self.journal.execute("INSERT OR IGNORE INTO objects (key, inode, size, stale_gen) VALUES (?, NULL, 0, ?)",
+                             (key, gen))
+
+    def record(self, key: str, ino: int, size: int, digest: str, etag: str, gen: int) -> None:
+        """The bucket now holds `key`; it belongs to `ino` only if `ino` still lives under that key."""
+        live = self.ns.path_of(ino) is not None
+        self.journal.execute(
+            "INSERT OR REPLACE INTO objects (key, inode, size, digest, etag, stale_gen) VALUES (?, ?, ?, ?, ?, ?)",
+            (key, ino if live else None, size, digest, etag, None if live else gen))
+        self.last_published_at = time.time()
+
+    def orphan(self, ino: int, gen: int, *, keep: str | None = None) -> None:
+        """Every object of `ino` (but `keep`) is stale from generation `gen` on."""
+        self.journal.execute("UPDATE objects SET inode=NULL, stale_gen=? WHERE inode=? AND key IS NOT ?",
+                             (gen, ino, keep))
+
+    def stash(self, key: str, stash_key: str, ino: int, size: int, digest: str, gen: int) -> None:
+        """`key`'s content, which belongs to `ino`, now lives at `stash_key`; `key` is stale."""
+        with self.journal.transaction():
+            self.journal.execute("INSERT OR REPLACE INTO objects (key, inode, size, digest, etag) "
+                                 "VALUES (?, ?, ?, ?, '')", (stash_key, ino, size, digest))
+            self.journal.execute("UPDATE objects SET inode=NULL, stale_gen=? WHERE key=?", (gen, key))
+
+    def displaced(self, key: str, ino: int) -> tuple[int, int, str] | None:
+        """(inode, size, digest) if `key` holds the published content of another live file."""
+        row = self.journal.one(
+            "SELECT o.inode, o.size, o.digest FROM objects o JOIN inodes i ON i.id = o.inode "
+            "WHERE o.key=? AND o.inode<>? AND i.nlink>0 AND i.content_dirty=0", (key, ino))
+        if row is None or self.ns.path_of(row[0]) is None:
+            return None
+        return row[0], row[1], row[2]
+
+    def stale(self, limit: int) -> list[tuple[str, int]]:
+        """Stale keys and the generation that made each stale (oldest first)."""
+        return self.journal.all("SELECT key, coalesce(stale_gen, 0) FROM objects WHERE inode IS NULL "
+                                "ORDER BY stale_gen LIMIT ?", (limit,))
+
+    def deleted(self, key: str) -> None:
+        self.journal.execute("DELETE FROM objects WHERE key=? AND inode IS NULL", (key,))
+
+    def wanted(self, key: str) -> bool:
+        """Whether a live name maps to `key` (then a stale object there is overwritten, not deleted)."""
+        ino = self.ns.resolve(key.rstrip("/"))
+        if ino is None:
+            return False
+        attr = self.ns.getattr(ino)
+        if key.endswith("/"):
+            return attr.is_dir and not self.ns.has_children(ino)
+        return not attr.is_dir
+
+    def owned(self, key: str) -> bool:
+        """Whether this gateway wrote or knows `key` (start-up clean-up of interrupted uploads)."""
+        ino = self.ns.resolve(key)
+        if ino is not None and not self.ns.getattr(ino).is_dir:
+            return True
+        return self.journal.one("SELECT 1 FROM objects WHERE key=?", (key,)) is not None

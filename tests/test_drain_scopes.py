@@ -1,0 +1,111 @@
+"""The checkpoint-aware drain on real mounts: newest committed scope first, cancellation of a deleted
+pending checkpoint, `wait` covering deletes of old names, multipart copies."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+from tests.bucket_watch import BucketWatcher
+from tests.t4_drain_test import write_file
+from tests.t5_faults_test import assert_bucket_matches_mount, open_uploads, proxy, wait_until  # noqa: F401
+
+MiB = 1024 * 1024
+
+
+def first_index(snapshots, predicate) -> int | None:
+    return next((i for i, snap in enumerate(snapshots) if predicate(snap)), None)
+
+
+def test_newest_committed_checkpoint_is_uploaded_first(proxy, make_mount):
+    """Two Orbax-style checkpoints renamed into place together: the newer one becomes complete in
+    the bucket before any object of the older one is visible."""
+    m = make_mount(endpoint_url=proxy.endpoint_url,
+                   options=("--drain-delay", "0.3", "--part-size", "5MiB", "--upload-concurrency", "2"))
+    proxy.set_bandwidth(16 * MiB)
+    for step in (1, 2):
+        tmp = m.path / f"{step}.orbax-checkpoint-tmp-{step}"
+        tmp.mkdir()
+        for r in range(2):
+            write_file(tmp / f"shard{r}", os.urandom(12 * MiB), fsync=False)
+    client = m.s3.boto3_client()
+    with BucketWatcher(client, m.bucket, "run") as watcher:
+        os.rename(m.path / "1.orbax-checkpoint-tmp-1", m.path / "1")
+        os.rename(m.path / "2.orbax-checkpoint-tmp-2", m.path / "2")
+        m.wait(timeout=120)
+    newer = {"2/shard0", "2/shard1"}
+    newer_done = first_index(watcher.snapshots, lambda s: newer <= s)
+    older_seen = first_index(watcher.snapshots, lambda s: any(k.startswith("1/") for k in s))
+    assert newer_done is not None and older_seen is not None
+    assert newer_done <= older_seen, "the newest committed checkpoint must be complete before the older one shows"
+    assert not watcher.keys_matching("*orbax-checkpoint-tmp*")
+    assert_bucket_matches_mount(m)
+
+
+def test_pending_checkpoint_deleted_locally_never_reaches_the_bucket(proxy, make_mount):
+    """rmtree of a checkpoint while its multipart upload is in flight: the upload is aborted, no key
+    of it is ever visible, and the drain goes on with the next one."""
+    m = make_mount(endpoint_url=proxy.endpoint_url, options=("--drain-delay", "0", "--part-size", "5MiB"))
+    proxy.set_bandwidth(2 * MiB)
+    client = m.s3.boto3_client()
+    with BucketWatcher(client, m.bucket, "run") as watcher:
+        (m.path / "step_1").mkdir()
+        write_file(m.path / "step_1" / "shard", os.urandom(24 * MiB), fsync=False)
+        write_file(m.path / "step_1" / "COMMIT", b"{}", fsync=False)
+        wait_until(lambda: open_uploads(m) and proxy.stats["bytes_up"] > MiB, 30, "parts of step_1 in flight")
+        shutil.rmtree(m.path / "step_1")
+        wait_until(lambda: not open_uploads(m), 20, "the aborted multipart upload to disappear")
+        proxy.set_bandwidth(None)
+        (m.path / "step_2").mkdir()
+        write_file(m.path / "step_2" / "shard", b"x" * 1000)
+        write_file(m.path / "step_2" / "COMMIT", b"{}")
+        m.wait(timeout=60)
+    # the directory itself was empty (and so had a `step_1/` marker) before the checkpoint was written
+    seen = {k for k in watcher.ever_seen() if k.startswith("step_1") and k != "step_1/"}
+    assert not seen, f"a cancelled checkpoint was visible: {seen}"
+    assert set(m.keys()) == {"step_2/shard", "step_2/COMMIT"}
+    assert m.status()["errors_total"] == 0
+
+
+def test_wait_covers_the_delete_of_an_old_name(proxy, make_mount):
+    """`ckptfs wait` returns only once the bucket reflects the namespace, deletes of old names
+    included, also right after other checkpoints were written (issue 14's reproduction). DELETEs
+    take 0.3 s through the proxy, as on a slow endpoint, so a `wait` that ignores them shows."""
+    m = make_mount(endpoint_url=proxy.endpoint_url, options=("--drain-delay", "0"))
+    proxy.set_faults(delay_rate=1.0, delay_s=0.3, methods=["DELETE"])
+    for trial in range(3):
+        for i in range(3):  # other checkpoints just before
+            (m.path / f"other{trial}_{i}").mkdir()
+            write_file(m.path / f"other{trial}_{i}" / "data", os.urandom(300_000), fsync=False)
+        ow, ow2 = m.path / f"ow{trial}", m.path / f"ow{trial}_2"
+        ow.mkdir()
+        write_file(ow / "x.bin", os.urandom(100_000))
+        m.wait()
+        write_file(ow / "x.bin", os.urandom(120_000))
+        m.wait()
+        os.rename(ow, ow2)
+        m.wait()
+        keys = set(m.keys())
+        assert f"ow{trial}/x.bin" not in keys, f"trial {trial}: wait returned while the old name was in the bucket"
+        assert f"ow{trial}_2/x.bin" in keys
+
+
+def test_rename_of_a_large_durable_file_is_a_multipart_copy(make_mount):
+    """Above one part, a rename of published content copies with UploadPartCopy (CopyObject stops
+    at 5 GiB), and the copy holds the same bytes and metadata."""
+    m = make_mount(options=("--drain-delay", "0", "--part-size", "5MiB"))
+    data = os.urandom(12 * MiB + 7)
+    write_file(m.path / "big", data)
+    m.wait()
+    os.rename(m.path / "big", m.path / "moved")
+    m.wait()
+    wait_until(lambda: set(m.keys()) == {"moved"}, 30, "the old name to be deleted")
+    obj = m.s3.boto3_client().get_object(Bucket=m.bucket, Key="run/moved")
+    assert obj["Body"].read() == data
+    assert obj["ETag"].strip('"').endswith("-3"), "three copied parts"
+    assert obj["Metadata"]["ckptfs-size"] == str(len(data))
+    status = m.status()
+    assert status["copied_files_total"] == 1 and status["uploaded_files_total"] == 1
+    time.sleep(0.1)
+    assert m.state("moved") == "durable"
