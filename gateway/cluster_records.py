@@ -143,17 +143,19 @@ def commit_record(scope: str, marker: str, commit_id: str, owner: str, required:
 def may_take_over(existing: dict, me: str, live_members: set[str]) -> str:
     """What a node holding a marker does about a commit record it found for its scope.
 
-    "resume": it is this node's own (a restart with the same journal);
-    "replace": the old commit is finished (committed, abandoned), or still pending while its
-               owner's lease is gone: replace it with If-Match on its ETag (of two racers, one
-               wins; the old owner's own If-Match to "granted" then fails, so it never publishes);
-    "conflict": another node is committing this scope, or was granted it (its marker may be out):
-               never publish a second marker.
+    "resume": it is this node's own (a restart with the same journal, a later marker);
+    "replace": the old commit was abandoned, or its owner's lease is gone and it is finished or
+               still pending (the step saved again by a new job, a holder lost before its grant):
+               replace it with If-Match on its ETag (of two racers, one wins; a pending owner's
+               own If-Match to "granted" then fails, so it never publishes);
+    "conflict": another live node committed or is committing this scope, or was granted it and
+               may have published: never publish a second marker.
     """
     state = existing.get("state")
     if existing.get("owner") == me:
         return "resume"
-    if state in ("committed", "abandoned") or (state == "pending" and existing.get("owner") not in live_members):
+    owner_gone = existing.get("owner") not in live_members
+    if state == "abandoned" or (owner_gone and state in ("pending", "committed")):
         return "replace"
     return "conflict"
 

@@ -34,7 +34,9 @@ def test_take_over_rules():
     live = {"a@1", "b@1"}
     assert rec.may_take_over({"owner": "a@1", "state": "pending"}, "a@1", live) == "resume"
     assert rec.may_take_over({"owner": "b@1", "state": "pending"}, "a@1", live) == "conflict"
-    assert rec.may_take_over({"owner": "b@1", "state": "committed"}, "a@1", live) == "replace"
+    assert rec.may_take_over({"owner": "b@1", "state": "committed"}, "a@1", live) == "conflict"
+    assert rec.may_take_over({"owner": "z@9", "state": "committed"}, "a@1", live) == "replace"  # saved again
+    assert rec.may_take_over({"owner": "b@1", "state": "abandoned"}, "a@1", live) == "replace"
     assert rec.may_take_over({"owner": "z@9", "state": "pending"}, "a@1", live) == "replace"
     # granted: its owner may have published the marker already; nobody else may ever take over
     assert rec.may_take_over({"owner": "z@9", "state": "granted"}, "a@1", live) == "conflict"
