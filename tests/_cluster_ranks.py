@@ -33,15 +33,24 @@ def run_dcp(roots, rank, world):
 def run_shim(roots, rank, world, fmt):
     from mount import ContinuousCheckpointer, LatestN
 
-    state = {"rank": rank, "x": torch.full((50_000,), float(rank))}
+    x = torch.full((50_000,), float(rank))
+    state = {"rank": rank, "x": x} if fmt == "torch" else {f"x{rank}": x}
     saved = []
     with ContinuousCheckpointer(roots[rank], format=fmt, keep=LatestN(2)) as ckpt:
         for step in range(1, 5):
-            state["x"].add_(1.0)
+            x.add_(1.0)
             ckpt.save(step, state)
             saved.append(step)
         ckpt.wait_durable(saved[-1], timeout=120)
-    return {"saved": saved, "listed": sorted(os.listdir(roots[rank]))}
+        durable_at = time.time()
+        dist.barrier()
+        ckpt.retain()  # rank 0, for the whole cluster
+        result = {"saved": saved, "durable_at": durable_at}
+        if fmt == "torch":
+            step, restored = ckpt.restore()
+            result.update(restored_step=step, restored_rank=restored["rank"],
+                          restored_ok=torch.equal(restored["x"], torch.full((50_000,), float(rank + step))))
+    return result
 
 
 def main():
