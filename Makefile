@@ -12,6 +12,9 @@ deps:
 	@command -v fusermount3 >/dev/null && [ -e /usr/include/fuse3/fuse.h ] && command -v pkg-config >/dev/null \
 	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 libfuse3-dev pkg-config >/dev/null; }
 	@[ -e /dev/fuse ] || { echo "ckptfs: /dev/fuse is missing (load the fuse module or run the container with --device /dev/fuse)"; exit 1; }
+	@# pjdfstest (tests/test_posix_conformance.py) is built from tests/conformance/ with these
+	@command -v autoreconf >/dev/null && command -v gcc >/dev/null && command -v make >/dev/null \
+	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq autoconf automake libtool gcc make perl >/dev/null; }
 
 $(STAMP): pyproject.toml
 	$(MAKE) deps

@@ -11,9 +11,11 @@ import time
 from pathlib import Path
 
 from gateway.errors import CliError
+from gateway.namespace import is_local_only
 
 STATUS_XATTR = "user.ckptfs.status"
 STATE_XATTR = "user.ckptfs.state"
+DONE_STATES = ("durable", "local")  # local: FIFOs, sockets, devices are never uploaded
 
 
 def register(subparsers) -> None:
@@ -107,6 +109,8 @@ def format_status(s: dict) -> str:
 
 def path_state(path: str) -> str:
     try:
+        if is_local_only(os.stat(path).st_mode):
+            return "local"  # FIFOs, sockets, devices: never uploaded (and the kernel hides their user.* xattrs)
         return os.getxattr(path, STATE_XATTR).decode()
     except FileNotFoundError:
         raise CliError(f"{path} does not exist", code=2) from None
@@ -120,7 +124,7 @@ def wait_command(args: argparse.Namespace) -> int:
     target_gen = start["generation"]
     while True:
         if args.paths:
-            pending = [p for p in args.paths if path_state(_in_mount(args.mountpoint, p)) != "durable"]
+            pending = [p for p in args.paths if path_state(_in_mount(args.mountpoint, p)) not in DONE_STATES]
         else:
             status = read_status(args.mountpoint)
             pending = [] if status["durable_through_generation"] >= target_gen else [

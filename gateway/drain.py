@@ -269,10 +269,14 @@ class Drain:
         sel = self.selection
         before = sel.last_plan.scopes if sel.last_plan is not None else {}
         for root, scope in before.items():
-            if root not in plan.scopes and self.ns.path_of(root) is not None:
+            if root in plan.scopes:
+                continue
+            if not scope.by_marker:
+                self.journal.execute("DELETE FROM scopes WHERE root=?", (root,))  # done: nothing pending
+            if self.ns.path_of(root) is not None:
                 sel.newest_durable_seq = max(sel.newest_durable_seq or 0, scope.committed_seq)
                 self.counters.newest_durable_scope_at = now
-                log.info("checkpoint %s is durable", scope.path or "/")
+                log.log(logging.INFO if scope.by_marker else logging.DEBUG, "checkpoint %s is durable", scope.path or "/")
         sel.selected, sel.prefer_old, sel.last_plan = plan.selected, plan.prefer_old, plan
         floor = sel.newest_durable_seq if sel.newest_durable_seq is not None else -1
         sel.superseded_since = {root: sel.superseded_since.get(root, now) for root, scope in plan.scopes.items()
@@ -300,7 +304,7 @@ class Drain:
             return
         is_dir = self.ns.getattr(ino).is_dir
         key = path + "/" if is_dir else path
-        claim = {key, *self.book.keys_of(ino)}
+        claim = {key, *self.book.keys_of(ino), *([] if is_dir else self.ns.paths_of(ino))}
         if claim & self.busy_keys:
             return
         self.jobs[ino] = trio.CancelScope()
@@ -412,10 +416,11 @@ class Drain:
             etag = await self.publisher.put(key, lambda: (b"", None, None), self._metadata(attr, "", "dir"),
                                             self._priority_of(attr.id), lambda: None)
             self.book.record(key, attr.id, 0, "", etag, token[0])
-        self.book.orphan(attr.id, token[0], keep=key if want_marker else None)
+        self.book.orphan(attr.id, token[0], keep=(key,) if want_marker else ())
         self._finish(attr.id, token, None)
 
     async def _sync_file(self, attr: Attr, key: str) -> None:
+        """Publish the content at the canonical name, then at every other hard link's name."""
         token = self._token(attr.id)
         have = self.book.keys_of(attr.id)
         if attr.content_dirty or key not in have:
@@ -428,7 +433,14 @@ class Drain:
                 await self._put_bytes(attr, key, token, attr.target or b"", "symlink")
             else:
                 await self._upload(attr, key, token)
-        self.book.orphan(attr.id, token[0], keep=key)
+        links = self.ns.paths_of(attr.id)[1:]
+        for link in links:
+            if attr.content_dirty or link not in have:
+                self.book.intend(link, token[0])
+                await self.publisher.rescue_displaced(link, attr.id, token[0], self._priority_of(attr.id),
+                                                      lambda k: self._claim(attr.id, k))
+                await self._copy(attr, key, link, token)
+        self.book.orphan(attr.id, token[0], keep=(key, *links))
         self._finish(attr.id, token, attr)
 
     def _claim(self, ino: int, key: str) -> None:
@@ -444,14 +456,15 @@ class Drain:
             if not attr.cached:
                 raise
             log.warning("%s: the object to copy from (%s) is gone; uploading from the cache", key, source)
-            self.book.orphan(attr.id, token[0], keep=key)
+            self.book.orphan(attr.id, token[0], keep=(key,))
             await self._upload(attr, key, token)
 
     async def _copy(self, attr: Attr, source: str, key: str, token: tuple[int, int]) -> None:
         check = lambda: self._check_token(attr.id, token)  # noqa: E731
-        etag = await self.publisher.copy(source, key, attr.size, self._metadata(attr, attr.digest or "", "file"),
+        digest = self.ns.getattr(attr.id).digest or ""  # just uploaded, for a hard link's copy
+        etag = await self.publisher.copy(source, key, attr.size, self._metadata(attr, digest, "file"),
                                          self._priority_of(attr.id), check)
-        self.book.record(key, attr.id, attr.size, attr.digest or "", etag, token[0])
+        self.book.record(key, attr.id, attr.size, digest, etag, token[0])
         self.counters.copied_files += 1
 
     async def _upload(self, attr: Attr, key: str, token: tuple[int, int]) -> None:

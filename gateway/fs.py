@@ -19,7 +19,7 @@ import pyfuse3
 
 from gateway.cache import CacheFiles, is_disk_full
 from gateway.errors import FsError
-from gateway.namespace import Attr, Namespace
+from gateway.namespace import Attr, Namespace, is_local_only
 
 log = logging.getLogger(__name__)
 
@@ -226,13 +226,16 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        # One file = one object: a second name would need a second object that silently diverges.
-        raise FsError(errno.EPERM)
+        # Each name is its own object with the same content (docs/SEMANTICS.md, "Hard links").
+        return self._entry_remembered(self.ns.link(inode, new_parent_inode, new_name))
 
     @fuse_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        if is_local_only(mode):  # FIFO, socket, device: kept here, never uploaded
+            attr = self.ns.create(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid, rdev=rdev)
+            return self._entry_remembered(attr)
         if not stat.S_ISREG(mode):
-            raise FsError(errno.EPERM)  # only regular files can become objects
+            raise FsError(errno.EINVAL)
         attr = self.ns.create(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid)
         self.cache.truncate(attr.id, 0)
         self.ns.mark_ready(attr.id)

@@ -26,6 +26,9 @@ ROOT_INODE = 1
 SUBTREE_CTE = ("WITH RECURSIVE sub(i) AS (SELECT inode FROM dentries WHERE parent=? "
                "UNION ALL SELECT d.inode FROM dentries d JOIN sub ON d.parent = sub.i) ")
 NAME_MAX = 255
+# File types that live only in this mount: never uploaded, always durable (docs/SEMANTICS.md).
+LOCAL_ONLY_TYPES = (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK)
+LOCAL_ONLY_SQL = f"(mode & 61440) IN ({', '.join(str(t) for t in LOCAL_ONLY_TYPES)})"
 INODE_COLUMNS = (
     "id, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, target, nlink, "
     "content_dirty, durable, ready_seq, changed_gen, changed_at, digest, cached"
@@ -63,6 +66,10 @@ class Attr:
     def is_reg(self) -> bool:
         return stat.S_ISREG(self.mode)
 
+    @property
+    def is_local_only(self) -> bool:
+        return is_local_only(self.mode)
+
 
 @dataclasses.dataclass(slots=True)
 class OpenState:
@@ -80,6 +87,11 @@ class OpenState:
 
 def now_ns() -> int:
     return time.time_ns()
+
+
+def is_local_only(mode: int) -> bool:
+    """FIFOs, sockets and device nodes: kept in the namespace, never published."""
+    return stat.S_IFMT(mode) in LOCAL_ONLY_TYPES
 
 
 def check_name(name: bytes) -> None:
@@ -101,10 +113,14 @@ class Namespace:
         self.on_event: Callable[[str, str, str | None], None] | None = None
         self.lookups: dict[int, int] = {}
         self.open: dict[int, OpenState] = {}
+        # inode -> its names (parent, name), oldest first; the first is the canonical one (path_of),
+        # also kept in entry_of: inode -> canonical (parent, name)
+        self.names_of: dict[int, list[tuple[int, bytes]]] = {}
         self.entry_of: dict[int, tuple[int, bytes]] = {}
         self.written_digests: dict[int, tuple[str, int]] = {}  # inode -> (xxh3, size) hashed while written
         self.owner = (uid, gid)
         self._ensure_root(uid, gid)
+        self._count_subdirs()
         self._load_tree()
         self.gen = int(journal.one("SELECT coalesce(max(changed_gen), 0) FROM inodes")[0])
         self.seq = int(journal.one("SELECT coalesce(max(ready_seq), 0) FROM inodes")[0])
@@ -120,9 +136,17 @@ class Namespace:
                 (ROOT_INODE, stat.S_IFDIR | 0o755, uid, gid, t, t, t),
             )
 
+    def _count_subdirs(self) -> None:
+        """Directory link counts (2 + subdirectories), also for journals written before they were kept."""
+        self.journal.execute(
+            "UPDATE inodes SET nlink = 2 + (SELECT count(*) FROM dentries d JOIN inodes c ON c.id = d.inode "
+            "WHERE d.parent = inodes.id AND (c.mode & 61440) = 16384) WHERE (mode & 61440) = 16384 AND nlink > 0")
+
     def _load_tree(self) -> None:
-        for parent, name, inode in self.journal.all("SELECT parent, name, inode FROM dentries"):
-            self.entry_of[inode] = (parent, bytes(name))
+        for parent, name, inode in self.journal.all("SELECT parent, name, inode FROM dentries ORDER BY id"):
+            self.names_of.setdefault(inode, []).append((parent, bytes(name)))
+        for inode in self.names_of:
+            self._names_changed(inode)
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -145,7 +169,7 @@ class Namespace:
         if name == b".":
             return self.getattr(parent)
         if name == b"..":
-            return self.getattr(self.entry_of.get(parent, (ROOT_INODE, b""))[0])
+            return self.getattr(self.parent_of(parent))
         row = self.journal.one("SELECT inode FROM dentries WHERE parent=? AND name=?", (parent, name))
         if row is None:
             if not self.getattr(parent).is_dir:
@@ -167,16 +191,45 @@ class Namespace:
     def has_children(self, ino: int) -> bool:
         return self.journal.one("SELECT 1 FROM dentries WHERE parent=? LIMIT 1", (ino,)) is not None
 
+    def has_published_children(self, ino: int) -> bool:
+        """Whether directory `ino` holds an entry that becomes an object (not only FIFOs, sockets, devices)."""
+        return self.journal.one(
+            "SELECT 1 FROM dentries d JOIN inodes i ON i.id = d.inode "
+            f"WHERE d.parent=? AND NOT {LOCAL_ONLY_SQL.replace('mode', 'i.mode')} LIMIT 1", (ino,)) is not None
+
+    def parent_of(self, ino: int) -> int:
+        """The directory holding `ino`'s canonical name (the root for the root or an unlinked inode)."""
+        names = self.names_of.get(ino)
+        return names[0][0] if names else ROOT_INODE
+
     def path_of(self, ino: int) -> str | None:
-        """The path relative to the mount root ('' for the root), or None if unlinked."""
+        """The canonical path relative to the mount root ('' for the root), or None if unlinked.
+
+        A file with several hard links has one path per name (`paths_of`); this is the oldest name.
+        """
         parts: list[bytes] = []
         while ino != ROOT_INODE:
-            entry = self.entry_of.get(ino)
-            if entry is None:
+            names = self.names_of.get(ino)
+            if not names:
                 return None
-            ino, name = entry
+            ino, name = names[0]
             parts.append(name)
         return "/".join(p.decode("utf-8", "surrogateescape") for p in reversed(parts))
+
+    def paths_of(self, ino: int) -> list[str]:
+        """Every path of `ino` (one per hard link), oldest name first; [] if unlinked, [''] for the root."""
+        if ino == ROOT_INODE:
+            return [""]
+        paths = (self.path_of_name(parent, name) for parent, name in self.names_of.get(ino, ()))
+        return [p for p in paths if p is not None]
+
+    def path_of_name(self, parent: int, name: bytes) -> str | None:
+        """The path of entry `name` in directory `parent`, or None if the directory is unlinked."""
+        base = self.path_of(parent)
+        if base is None:
+            return None
+        text = name.decode("utf-8", "surrogateescape")
+        return f"{base}/{text}" if base else text
 
     def resolve(self, path: str) -> int | None:
         """The inode at `path` (relative to the root), or None."""
@@ -205,6 +258,59 @@ class Namespace:
         self, parent: int, name: bytes, mode: int, uid: int, gid: int, *, target: bytes | None = None,
         rdev: int = 0,
     ) -> Attr:
+        self._check_new_entry(parent, name)
+        t = now_ns()
+        gen = self._next_gen()
+        is_dir = stat.S_ISDIR(mode)
+        local_only = is_local_only(mode)
+        # A new file is not ready until its creator closes it; directories and symlinks are ready now.
+        # FIFOs, sockets and devices are never published: durable from the start, never pending.
+        ready = None if stat.S_ISREG(mode) or local_only else self._next_seq()
+        with self.journal.transaction():
+            cur = self.journal.execute(
+                "INSERT INTO inodes (mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, target, "
+                "nlink, content_dirty, durable, ready_seq, changed_gen, changed_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (mode, uid, gid, len(target or b""), t, t, t, rdev, target, 2 if is_dir else 1,
+                 int(not local_only), int(local_only), ready, gen, time.time()),
+            )
+            ino = cur.lastrowid
+            self.journal.execute(
+                "INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)", (parent, name, ino)
+            )
+            if is_dir:
+                self._add_subdirs(parent, 1)
+            self._touch_dir(parent, t, gen)
+        self.names_of[ino] = [(parent, name)]
+        self._names_changed(ino)
+        self.on_change()
+        if is_dir and self.on_event is not None:
+            self.on_event("mkdir", self.path_of(ino) or "", None)
+        return self.getattr(ino)
+
+    def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
+        """A hard link: one more name for a file. Each name is published as its own object."""
+        attr = self.getattr(ino)
+        if attr.is_dir:
+            raise FsError(errno.EPERM)
+        if attr.nlink == 0:
+            raise FsError(errno.ENOENT)
+        self._check_new_entry(new_parent, new_name)
+        t = now_ns()
+        gen = self._next_gen()
+        with self.journal.transaction():
+            self.journal.execute(
+                "INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)", (new_parent, new_name, ino))
+            self.journal.execute("UPDATE inodes SET nlink=nlink+1, ctime_ns=? WHERE id=?", (t, ino))
+            self._touch_dir(new_parent, t, gen)
+            self._mark_moved(ino, gen)  # the new name needs its object
+        self.names_of.setdefault(ino, []).append((new_parent, new_name))
+        self._names_changed(ino)
+        self.on_change()
+        return self.getattr(ino)
+
+    def _check_new_entry(self, parent: int, name: bytes) -> None:
+        """`name` can be added to `parent`: a valid name, a live directory, not taken."""
         check_name(name)
         parent_attr = self.getattr(parent)
         if not parent_attr.is_dir:
@@ -213,29 +319,6 @@ class Namespace:
             raise FsError(errno.ENOENT)
         if self.child_id(parent, name) is not None:
             raise FsError(errno.EEXIST)
-        t = now_ns()
-        gen = self._next_gen()
-        is_dir = stat.S_ISDIR(mode)
-        # A new file is not ready until its creator closes it; directories and symlinks are ready now.
-        ready = None if stat.S_ISREG(mode) else self._next_seq()
-        with self.journal.transaction():
-            cur = self.journal.execute(
-                "INSERT INTO inodes (mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, target, "
-                "nlink, content_dirty, durable, ready_seq, changed_gen, changed_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, 0, ?, ?, ?)",
-                (mode, uid, gid, len(target or b""), t, t, t, rdev, target, 2 if is_dir else 1,
-                 ready, gen, time.time()),
-            )
-            ino = cur.lastrowid
-            self.journal.execute(
-                "INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)", (parent, name, ino)
-            )
-            self._touch_dir(parent, t, gen)
-        self.entry_of[ino] = (parent, name)
-        self.on_change()
-        if is_dir and self.on_event is not None:
-            self.on_event("mkdir", self.path_of(ino) or "", None)
-        return self.getattr(ino)
 
     def unlink(self, parent: int, name: bytes) -> int:
         ino = self._existing_child(parent, name)
@@ -257,7 +340,7 @@ class Namespace:
         return ino
 
     def remove_tree(self, ino: int) -> int:
-        """Drop a directory and everything below it (another node deleted it); returns entries removed."""
+        """Drop a directory and everything below it (another node deleted it); returns names removed."""
         removed = 0
         for _, name, child in self.readdir(ino, 0, limit=1 << 30):
             if self.getattr(child).is_dir:
@@ -281,20 +364,57 @@ class Namespace:
         return ino
 
     def _remove_entry(self, parent: int, name: bytes, ino: int) -> None:
-        """Drop the name; its objects become stale (deleted by the drain); data goes when forgotten."""
+        """Drop the name; its object becomes stale (deleted by the drain); data goes with the last name,
+        when the kernel forgets the inode."""
         t = now_ns()
         gen = self._next_gen()
         with self.journal.transaction():
-            self.journal.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
-            self.journal.execute(
-                "UPDATE inodes SET nlink=0, ctime_ns=?, durable=1, ready_seq=NULL WHERE id=?", (t, ino)
-            )
-            self.journal.execute("UPDATE objects SET inode=NULL, stale_gen=? WHERE inode=?", (gen, ino))
+            self._drop_name(parent, name, self.getattr(ino), t, gen)
             self._touch_dir(parent, t, gen)
-        self.entry_of.pop(ino, None)
-        self.on_removed(ino)
-        self._maybe_purge(ino)
+        self._forget_name(ino, parent, name)
         self.on_change()
+
+    def _drop_name(self, parent: int, name: bytes, attr: Attr, t: int, gen: int) -> None:
+        """Inside a transaction: delete the entry `name` of `attr`. Only that name's object goes stale;
+        an inode with other names (hard links) keeps them and their objects."""
+        self.journal.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
+        if attr.is_dir or attr.nlink <= 1:
+            self.journal.execute(
+                "UPDATE inodes SET nlink=0, ctime_ns=?, durable=1, ready_seq=NULL WHERE id=?", (t, attr.id)
+            )
+            self.journal.execute("UPDATE objects SET inode=NULL, stale_gen=? WHERE inode=?", (gen, attr.id))
+            if attr.is_dir:
+                self._add_subdirs(parent, -1)
+            return
+        self.journal.execute("UPDATE inodes SET nlink=nlink-1, ctime_ns=? WHERE id=?", (t, attr.id))
+        key = self.path_of_name(parent, name)
+        self.journal.execute("UPDATE objects SET inode=NULL, stale_gen=? WHERE key=? AND inode=?", (gen, key, attr.id))
+        if (parent, name) == self.names_of.get(attr.id, [None])[0]:
+            self._mark_moved(attr.id, gen)  # a new canonical name: let the drain look at the others
+
+    def _forget_name(self, ino: int, parent: int, name: bytes) -> None:
+        """After the commit: `ino` no longer has the name; if that was its last one, its uploads stop and
+        it is purged once closed and forgotten."""
+        names = self.names_of.get(ino, [])
+        if (parent, name) in names:
+            names.remove((parent, name))
+        self._names_changed(ino)
+        if not names:
+            self.on_removed(ino)
+            self._maybe_purge(ino)
+
+    def _names_changed(self, ino: int) -> None:
+        """Keep `entry_of` (the canonical name of each inode) in step with `names_of`."""
+        names = self.names_of.get(ino)
+        if names:
+            self.entry_of[ino] = names[0]
+        else:
+            self.names_of.pop(ino, None)
+            self.entry_of.pop(ino, None)
+
+    def _add_subdirs(self, ino: int, delta: int) -> None:
+        """A directory's link count is 2 plus its subdirectories."""
+        self.journal.execute("UPDATE inodes SET nlink=nlink+? WHERE id=? AND nlink>0", (delta, ino))
 
     def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int) -> int | None:
         """Atomic rename. Returns the inode that lost its name (replaced target), if any."""
@@ -315,36 +435,43 @@ class Namespace:
             return self._exchange(old_parent, old_name, ino, new_parent, new_name, target)
         if target == ino:
             return None
-        if target is not None:
-            self._check_replace(moving, self.getattr(target))
+        target_attr = None if target is None else self.getattr(target)
+        if target_attr is not None:
+            self._check_replace(moving, target_attr)
         old_path = self.path_of(ino) if moving.is_dir and self.on_event is not None else None
         t = now_ns()
         gen = self._next_gen()
         with self.journal.transaction():
-            if target is not None:
-                self.journal.execute("DELETE FROM dentries WHERE parent=? AND name=?", (new_parent, new_name))
-                self.journal.execute(
-                    "UPDATE inodes SET nlink=0, ctime_ns=?, durable=1, ready_seq=NULL WHERE id=?", (t, target)
-                )
-                self.journal.execute("UPDATE objects SET inode=NULL, stale_gen=? WHERE inode=?", (gen, target))
+            if target_attr is not None:
+                self._drop_name(new_parent, new_name, target_attr, t, gen)
             self.journal.execute(
                 "UPDATE dentries SET parent=?, name=? WHERE parent=? AND name=?",
                 (new_parent, new_name, old_parent, old_name),
             )
             self.journal.execute("UPDATE inodes SET ctime_ns=? WHERE id=?", (t, ino))
+            if moving.is_dir and old_parent != new_parent:
+                self._add_subdirs(old_parent, -1)
+                self._add_subdirs(new_parent, 1)
             self._touch_dir(old_parent, t, gen)
             self._touch_dir(new_parent, t, gen)
-            self.entry_of[ino] = (new_parent, new_name)
+            self._rename_name(ino, (old_parent, old_name), (new_parent, new_name))
             self._mark_moved(ino, gen)
             self.journal.execute("INSERT OR REPLACE INTO scopes VALUES (?, ?)", (ino, self._next_seq()))
         if target is not None:
-            self.entry_of.pop(target, None)
-            self.on_removed(target)
-            self._maybe_purge(target)
+            self._forget_name(target, new_parent, new_name)
         self.on_change()
         if old_path is not None:
             self.on_event("rename", old_path, self.path_of(ino) or "")
         return target
+
+    def _rename_name(self, ino: int, old: tuple[int, bytes], new: tuple[int, bytes]) -> None:
+        """In memory: the name `old` of `ino` is now `new` (in place: a canonical name stays canonical)."""
+        names = self.names_of.setdefault(ino, [])
+        if old in names:
+            names[names.index(old)] = new
+        else:
+            names.append(new)
+        self._names_changed(ino)
 
     def _check_replace(self, moving: Attr, target: Attr) -> None:
         if moving.is_dir and not target.is_dir:
@@ -355,6 +482,8 @@ class Namespace:
             raise FsError(errno.ENOTEMPTY)
 
     def _exchange(self, p1: int, n1: bytes, i1: int, p2: int, n2: bytes, i2: int) -> None:
+        if i1 == i2:
+            return  # two hard links of one file: nothing changes
         a1, a2 = self.getattr(i1), self.getattr(i2)
         if (a1.is_dir and (p2 == i1 or p2 in self.descendants(i1))) or (
             a2.is_dir and (p1 == i2 or p1 in self.descendants(i2))
@@ -366,7 +495,12 @@ class Namespace:
             self.journal.execute("UPDATE dentries SET inode=? WHERE parent=? AND name=?", (i2, p1, n1))
             self.journal.execute("UPDATE dentries SET inode=? WHERE parent=? AND name=?", (i1, p2, n2))
             self.journal.execute("UPDATE inodes SET ctime_ns=? WHERE id IN (?, ?)", (t, i1, i2))
-            self.entry_of[i1], self.entry_of[i2] = (p2, n2), (p1, n1)
+            if p1 != p2 and a1.is_dir != a2.is_dir:
+                moved = 1 if a1.is_dir else -1  # subdirectories p1 gives to p2
+                self._add_subdirs(p1, -moved)
+                self._add_subdirs(p2, moved)
+            self._rename_name(i1, (p1, n1), (p2, n2))
+            self._rename_name(i2, (p2, n2), (p1, n1))
             self._touch_dir(p1, t, gen)
             self._touch_dir(p2, t, gen)
             self._mark_moved(i1, gen)
@@ -468,7 +602,8 @@ class Namespace:
         """`ino` (and its subtree) has a new name: republish under it, in the old relative order."""
         ids = [ino] + (self.descendants(ino) if self.getattr(ino).is_dir else [])
         rows = self.journal.all(
-            f"SELECT id, ready_seq FROM inodes WHERE id IN ({','.join('?' * len(ids))})", tuple(ids)
+            f"SELECT id, ready_seq FROM inodes WHERE id IN ({','.join('?' * len(ids))}) "
+            f"AND NOT {LOCAL_ONLY_SQL}", tuple(ids)
         )
         writing = {i for i, seq in rows if seq is None and self.open.get(i, OpenState()).writers > 0}
         for i, _ in sorted(rows, key=lambda r: (r[1] is None, r[1] or 0, r[0])):
@@ -584,11 +719,14 @@ class Namespace:
             )
             ino = cur.lastrowid
             self.journal.execute("INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)", (parent, name, ino))
-            if not is_dir:
+            if is_dir:
+                self._add_subdirs(parent, 1)
+            else:
                 self.journal.execute(
                     "INSERT OR REPLACE INTO objects (key, inode, size, digest, etag) VALUES (?, ?, ?, NULL, ?)",
                     (key, ino, size, etag))
-        self.entry_of[ino] = (parent, name)
+        self.names_of[ino] = [(parent, name)]
+        self._names_changed(ino)
         return ino
 
     def forget_remote(self, ino: int, key: str) -> None:

@@ -10,6 +10,7 @@ comes back from the listing).
 from __future__ import annotations
 
 import time
+from typing import Iterable
 
 from gateway.journal import Journal
 from gateway.namespace import Namespace
@@ -37,10 +38,11 @@ class ObjectBook:
             (key, ino if live else None, size, digest, etag, None if live else gen))
         self.last_published_at = time.time()
 
-    def orphan(self, ino: int, gen: int, *, keep: str | None = None) -> None:
-        """Every object of `ino` (but `keep`) is stale from generation `gen` on."""
-        self.journal.execute("UPDATE objects SET inode=NULL, stale_gen=? WHERE inode=? AND key IS NOT ?",
-                             (gen, ino, keep))
+    def orphan(self, ino: int, gen: int, *, keep: Iterable[str] = ()) -> None:
+        """Every object of `ino` (but those in `keep`) is stale from generation `gen` on."""
+        keep = tuple(keep)
+        self.journal.execute(f"UPDATE objects SET inode=NULL, stale_gen=? WHERE inode=? "
+                             f"AND key NOT IN ({','.join('?' * len(keep))})", (gen, ino, *keep))
 
     def stash(self, key: str, stash_key: str, ino: int, size: int, digest: str, gen: int) -> None:
         """`key`'s content, which belongs to `ino`, now lives at `stash_key`; `key` is stale."""

@@ -84,6 +84,7 @@ def plan(rows: Sequence[Row], rename_scopes: Mapping[int, int], rules: ScopeRule
     after = _pick(scopes, selected, newest_durable_seq, old_ok, prefer_old)
     rank = {root: i for i, root in enumerate((selected, after)) if root is not None}
     priority = {r.ino: _priority(r, scope_of[r.ino], rank, scopes) for r in rows}
+    _inherit(priority, waiting)
     start = sorted((ino for ino in ready if priority[ino][0] < 2), key=priority.__getitem__)
     return Plan(start=start[:room], priority=priority, selected=selected, prefer_old=prefer_old,
                 finished=finished, waiting=waiting, gated=gated, scopes=scopes)
@@ -98,7 +99,10 @@ def _committed_scopes(rows: Sequence[Row], rename_scopes: Mapping[int, int], rul
         root = r.ancestors[0]
         seq = max(r.ready_seq, scopes[root].committed_seq if root in scopes else 0)
         scopes[root] = Scope(root, r.path.rpartition("/")[0], seq, by_marker=True)
+    marker_dirs = set(scopes)
     for r in rows:
+        if marker_dirs.intersection(r.ancestors):
+            continue  # renames inside a checkpoint directory are part of that checkpoint
         for depth, ino in enumerate((r.ino, *r.ancestors)):
             if ino in rename_scopes and ino not in scopes:
                 path = "/".join(r.path.split("/")[:len(r.path.split("/")) - depth])
@@ -175,6 +179,15 @@ def _priority(r: Row, scope: int | None, rank: Mapping[int, int], scopes: Mappin
     if scope is None:
         return (1, seq, 0)
     return (2, -scopes[scope].committed_seq, seq)
+
+
+def _inherit(priority: dict[int, Priority], waiting: Mapping[int, list[int]]) -> None:
+    """What a marker waits for goes at least as early as the marker: no marker of a chosen scope can
+    wait on files of a scope that is not chosen (a nested checkpoint directory, say)."""
+    for marker, deps in waiting.items():
+        for ino in deps:
+            if priority[marker] < priority[ino]:
+                priority[ino] = priority[marker]
 
 
 def plan_deletes(stale: Iterable[str], rules: ScopeRules) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 
 import trio
 import xxhash
@@ -35,8 +36,8 @@ def verify_paths(status: dict, mountpoint: str, paths: list[str]) -> Report:
     report = Report()
     targets = []
     for path in files_under(paths):
-        if os.path.islink(path):
-            continue
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            continue  # symlinks; FIFOs, sockets and devices are never uploaded
         state = os.getxattr(path, "user.ckptfs.state").decode()
         if state != "durable":
             report.problems.append(f"{path}: not durable yet ({state})")

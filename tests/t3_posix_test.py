@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
+import socket
 import stat
 import subprocess
 import threading
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Mount
+from tests.conftest import Mount, ckptfs_cli
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -255,9 +257,75 @@ def test_symlink_and_readlink(d):
     expect_errno(errno.EINVAL, os.readlink, d / "target")
 
 
-def test_hard_link_is_eperm(d):
+def test_hard_links_share_one_inode(d):
     (d / "f").write_bytes(b"x")
-    expect_errno(errno.EPERM, os.link, d / "f", d / "g")
+    os.link(d / "f", d / "g")
+    f, g = os.stat(d / "f"), os.stat(d / "g")
+    assert f.st_ino == g.st_ino and f.st_nlink == g.st_nlink == 2
+    with open(d / "g", "ab") as out:
+        out.write(b"y")
+    assert (d / "f").read_bytes() == b"xy"  # one content under both names
+    expect_errno(errno.EEXIST, os.link, d / "f", d / "g")
+    expect_errno(errno.EPERM, os.link, d, d / "dirlink")
+    os.rename(d / "f", d / "g")  # onto a hard link of itself: nothing happens
+    assert sorted(os.listdir(d)) == ["f", "g"]
+    os.unlink(d / "f")
+    assert os.stat(d / "g").st_nlink == 1 and (d / "g").read_bytes() == b"xy"
+
+
+def bucket_keys_below(mount: Mount, d: Path, expected: set[str], timeout: float = 30) -> set[str]:
+    """The keys under `d` once they equal `expected`, or when `timeout` runs out (stale deletes follow wait)."""
+    rel = d.relative_to(mount.path).as_posix() + "/"
+    deadline = time.monotonic() + timeout
+    while True:
+        listed = mount.keys()
+        keys = {k[len(rel):] for k in listed if k.startswith(rel)}
+        if keys == expected or time.monotonic() > deadline:
+            return keys
+        time.sleep(0.1)
+
+
+def test_every_hard_link_is_an_object(mount, d):
+    (d / "f").write_bytes(b"linked")
+    os.link(d / "f", d / "g")
+    mount.wait(timeout=60)
+    assert bucket_keys_below(mount, d, {"f", "g"}) == {"f", "g"}
+    assert object_bytes(mount, d / "g") == b"linked"
+    (d / "g").write_bytes(b"rewritten through the second name")  # both names hold the new content
+    mount.wait(timeout=60)
+    assert object_bytes(mount, d / "f") == object_bytes(mount, d / "g") == b"rewritten through the second name"
+    os.unlink(d / "f")
+    mount.wait(timeout=60)
+    assert bucket_keys_below(mount, d, {"g"}) == {"g"}
+
+
+def object_bytes(mount: Mount, path: Path) -> bytes:
+    key = f"{mount.prefix}/{path.relative_to(mount.path).as_posix()}"
+    return mount.s3.boto3_client().get_object(Bucket=mount.bucket, Key=key)["Body"].read()
+
+
+def test_fifos_sockets_and_devices_are_never_uploaded(mount, d):
+    (d / "f").write_bytes(b"x")
+    os.mkfifo(d / "fifo")
+    os.mknod(d / "dev", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    os.mkdir(d / "only-fifo")
+    os.mkfifo(d / "only-fifo" / "p")
+    os.mkdir(d / "empty")
+    mount.wait(timeout=60)
+    # A directory holding only local nodes is not empty: no marker, so it is not in the bucket.
+    assert bucket_keys_below(mount, d, {"f", "empty/"}) == {"f", "empty/"}
+    assert mount.status()["pending_files"] == 0
+
+
+def test_directory_link_count_counts_subdirectories(d):
+    os.mkdir(d / "a")
+    os.mkdir(d / "a" / "x")
+    os.mkdir(d / "a" / "y")
+    assert os.stat(d / "a").st_nlink == 4
+    os.rename(d / "a" / "x", d / "x")
+    assert os.stat(d / "a").st_nlink == 3 and os.stat(d).st_nlink == 4
+    os.rmdir(d / "a" / "y")
+    assert os.stat(d / "a").st_nlink == 2
 
 
 def test_statfs_reports_cache_disk(mount):
@@ -324,7 +392,32 @@ def test_permissions_enforced_for_other_users(d):
 def test_mknod_regular_file(d):
     os.mknod(d / "node", stat.S_IFREG | 0o644)
     assert (d / "node").stat().st_size == 0
-    expect_errno(errno.EPERM, os.mknod, d / "fifo", stat.S_IFIFO | 0o644)
+
+
+def test_fifo_socket_and_device_nodes_work_locally(mount, d):
+    os.mkfifo(d / "fifo", 0o600)
+    assert stat.S_ISFIFO(os.lstat(d / "fifo").st_mode)
+    rfd = os.open(d / "fifo", os.O_RDONLY | os.O_NONBLOCK)
+    wfd = os.open(d / "fifo", os.O_WRONLY)
+    os.write(wfd, b"through the pipe")
+    assert os.read(rfd, 100) == b"through the pipe"
+    os.close(wfd)
+    os.close(rfd)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server, contextlib.chdir(d):
+        server.bind("sock")  # relative: a socket path is limited to 107 bytes
+        server.listen(1)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect("sock")
+            conn, _ = server.accept()
+            client.sendall(b"hi")
+            assert conn.recv(2) == b"hi"
+            conn.close()
+    assert stat.S_ISSOCK(os.lstat(d / "sock").st_mode)
+    os.mknod(d / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    st = os.lstat(d / "null")
+    assert stat.S_ISCHR(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == (1, 3)
+    for name in ("fifo", "sock", "null"):  # never uploaded: nothing to wait for
+        ckptfs_cli("wait", str(mount.path), str(d / name), "--timeout", "10")
 
 
 def test_concurrent_writers_distinct_files(d):

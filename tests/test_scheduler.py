@@ -227,3 +227,29 @@ async def test_limiter_slot_is_not_leaked_by_a_cancellation_at_acquire():
     assert limiter.free == 0
     limiter.release()
     assert limiter.free == 1
+
+
+def test_markers_renamed_into_place_inside_their_directory_do_not_split_the_checkpoint():
+    """DCP's `.metadata.tmp` and the shim's `COMMIT.tmp` are renamed into step_3: the renames are
+    part of step_3's scope, so the shard they wait for is started (this deadlocked once)."""
+    t = Tree()
+    shard = t.file("run/step_3/__0_0.distcp", 6)
+    metadata = t.file("run/step_3/.metadata", 11)
+    commit = t.file("run/step_3/COMMIT", 17)
+    p = plan(t.rows, {metadata: 12, commit: 18}, RULES)
+    assert set(p.scopes) == {t.dirs["run/step_3"]}
+    assert shard in p.start
+    assert set(p.waiting[commit]) == {shard, metadata}
+
+
+def test_what_a_chosen_marker_waits_for_inherits_its_priority():
+    t = Tree()
+    inner = t.file("step_3/model/shard", 1)
+    t.file("step_3/model/.metadata", 2)
+    commit = t.file("step_3/COMMIT", 3)
+    for step in (4, 5):  # newer checkpoints take the selected and next ranks
+        t.file(f"step_{step}/s", 10 * step)
+        t.file(f"step_{step}/COMMIT", 10 * step + 1)
+    p = plan(t.rows, {}, RULES, selected=t.dirs["step_3"])
+    assert p.selected == t.dirs["step_3"]
+    assert inner in p.start and p.priority[inner] <= p.priority[commit]
