@@ -56,7 +56,8 @@ class RemoteNamespace:
         """Write queued records in order (retrying forever); sweep removed directories."""
         while True:
             await self._wake.wait()
-            await trio.sleep(COALESCE_S)
+            if any(op == "rmdir" for op, _, _ in self.outbox):
+                await trio.sleep(COALESCE_S)  # rm -r: the rest of the tree follows at once
             self._wake = trio.Event()
             batch, self.outbox = coalesce(self.outbox), []
             for op, path, to in batch:

@@ -41,7 +41,7 @@ def run_shim(roots, rank, world, fmt):
             x.add_(1.0)
             ckpt.save(step, state)
             saved.append(step)
-        ckpt.wait_durable(saved[-1], timeout=30)
+        ckpt.wait_durable(saved[-1], timeout=90)
         durable_at = time.time()
         dist.barrier()
         ckpt.retain()  # rank 0, for the whole cluster
