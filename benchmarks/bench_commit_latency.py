@@ -3,8 +3,9 @@ one step directory; then node 0 renames the marker `.metadata` into place (the t
 passed). Measured from that rename:
 
     own      until the slowest node's shard is durable (what a single node would wait for)
-    commit   until `user.ckptfs.state` of the step directory is `durable` on every node (what
-             `ckptfs wait` answers): every node answered, the marker is published, every node knows
+    commit   until the marker is shown and `user.ckptfs.state` of the step directory is `durable`
+             on every node (what the shim's wait_durable waits for): every node answered, the
+             marker is published, every node knows
 
     .venv/bin/python -m benchmarks.bench_commit_latency [--size 32MiB] [--repeat 3] [--nodes 2,4]
 
@@ -68,6 +69,7 @@ def trial(mounts: list[Mount], step: int, size: int) -> dict:
 
     def watch(i: int) -> None:
         own[i] = wait_state(dirs[i] / f"shard_{i}", "durable") - t0
+        done[i] = wait_state(dirs[i] / ".metadata", "durable") - t0  # shown on node i once committed
         done[i] = wait_state(dirs[i], "durable") - t0
 
     threads = [threading.Thread(target=watch, args=(i,)) for i in range(len(mounts))]

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 ACTIVE_WINDOW_S = 60.0      # poll fast this long after the last local change
 WAITING_FILES_SHOWN = 20    # pending paths a node reports per scope in its lease
+LOCAL_CHECK_S = 0.05        # how often closed markers and our unanswered commits are looked at locally
+ANSWER_CHECK_S = 0.1        # how often a holder lists the answers to its commit
 RETRY_BASE_S = 0.25
 RETRY_MAX_S = 10.0
 
@@ -118,6 +120,7 @@ class Cluster:
         self._last_gen = ns.gen
         self._last_change = time.time()
         self._poll_lock = trio.Lock()
+        self._local_wake = trio.Event()
 
     # ---- the gate ---------------------------------------------------------------------------
 
@@ -211,6 +214,7 @@ class Cluster:
             self._nursery = nursery
             nursery.start_soon(self._lease_loop)
             nursery.start_soon(self._poll_loop)
+            nursery.start_soon(self._local_loop)
             if self.namespace is not None:
                 nursery.start_soon(self.namespace.run)
             task_status.started()
@@ -267,6 +271,28 @@ class Cluster:
             with trio.move_on_after(self.config.cluster_poll_s if self._active() else self.interval_s):
                 await self._poll_wake.wait()
             self._poll_wake = trio.Event()
+
+    def poke(self) -> None:
+        """The namespace changed (a marker may have been closed): look locally soon."""
+        self._local_wake.set()
+
+    async def _local_loop(self) -> None:
+        """Without any request: announce markers as soon as they are closed, and answer a commit we
+        know of as soon as our files of it are durable (the PUT of the answer is the only I/O)."""
+        while True:
+            busy = any(not a.answered for a in self.answers.values())
+            with trio.move_on_after(LOCAL_CHECK_S if busy else self.config.cluster_poll_s):
+                await self._local_wake.wait()
+            await trio.sleep(LOCAL_CHECK_S / 2)  # a burst of changes is looked at once
+            self._local_wake = trio.Event()
+            try:
+                self._announce_closed_markers()
+                for answer in [a for a in self.answers.values() if not a.answered]:
+                    await self._try_answer(answer)
+            except StoreError as exc:
+                log.info("cluster: answer failed (%s); retried at the next poll", exc)
+            except Exception:
+                log.exception("cluster: local check failed unexpectedly")
 
     async def poll_once(self) -> None:
         """One look at the bucket: answer pending commits of others, learn finished ones, and
@@ -369,7 +395,7 @@ class Cluster:
             while commit.state == "waiting":
                 await self._retrying(commit, self._check_answers)
                 if commit.state == "waiting":
-                    await trio.sleep(self.config.cluster_poll_s)
+                    await trio.sleep(min(ANSWER_CHECK_S, self.config.cluster_poll_s))
             if commit.state != "granted":
                 return
             self.wake()

@@ -123,6 +123,9 @@ async def _serve_locked(config: Config, journal: Journal, on_ready: Callable[[],
         drain = Drain(ns, cache, store, journal, config, gate=cluster)  # sets cluster.wake = drain.wake
         control = Control(ns, cache, drain, journal, config)
         control.cluster = cluster
+        if cluster is not None:
+            wake_drain = ns.on_change
+            ns.on_change = lambda: (wake_drain(), cluster.poke())
         space = SpaceGuard(ns, cache, drain, limit_bytes=cache_size_bytes(config, _disk_bytes(cache)),
                            high=config.cache_high_watermark, low=config.cache_low_watermark,
                            timeout_s=config.backpressure_timeout_s)
