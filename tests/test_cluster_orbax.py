@@ -20,6 +20,11 @@ pytest.importorskip("orbax.checkpoint")
 SCRIPT = Path(__file__).with_name("_cluster_orbax.py")
 
 
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "Orbax's primary validates every host's array metadata (tmp/array_metadatas/process_1) before its "
+    "rename; other hosts' files under a held temporary directory never leave their node before the "
+    "rename, so the primary cannot read them (docs/CLUSTER.md, 'What is not covered')"))
 def test_orbax_multihost_save_on_two_mounts(make_mount, tmp_path):
     a = make_mount("a", options=cluster_options("a"))
     b = make_mount("b", options=cluster_options("b"))
