@@ -38,6 +38,7 @@ ACTIVE_WINDOW_S = 60.0      # poll fast this long after the last local change
 WAITING_FILES_SHOWN = 20    # pending paths a node reports per scope in its lease
 LOCAL_CHECK_S = 0.05        # how often closed markers and our unanswered commits are looked at locally
 ANSWER_CHECK_S = 0.1        # how often a holder lists the answers to its commit
+FORGET_AFTER_S = 600.0      # finished commits are forgotten this long after they finished
 RETRY_BASE_S = 0.25
 RETRY_MAX_S = 10.0
 
@@ -75,6 +76,7 @@ class HeldCommit:
     error: str | None = None
     waiting_info: dict[str, dict] = dataclasses.field(default_factory=dict)
     marker_objects: list[dict] = dataclasses.field(default_factory=list)
+    finished_at: float | None = None
 
     @property
     def granted(self) -> bool:
@@ -298,12 +300,26 @@ class Cluster:
         """One look at the bucket: answer pending commits of others, learn finished ones, and
         apply other nodes' namespace records (and announce markers closed here)."""
         self._announce_closed_markers()
+        self._forget_finished()
         async with self._poll_lock:
             await self._poll_pending()
             if self.namespace is not None:
                 await self.namespace.poll_log()
 
     # ---- answering other nodes' commits ----------------------------------------------------
+
+    def _forget_finished(self) -> None:
+        """Drop commits that finished long ago (a long run makes one per checkpoint)."""
+        horizon = time.time() - FORGET_AFTER_S
+        for scope, commit in list(self.held.items()):
+            if commit.state in ("committed", "abandoned") and commit.finished_at and commit.finished_at < horizon:
+                del self.held[scope]
+        for cid, answer in list(self.answers.items()):
+            if answer.committed and self.committed_scopes.get(answer.scope, 0) < horizon:
+                del self.answers[cid]
+        for scope, at in list(self.committed_scopes.items()):
+            if at < horizon:
+                del self.committed_scopes[scope]
 
     async def _poll_pending(self) -> None:
         open_ids = set()
@@ -403,7 +419,7 @@ class Cluster:
             if commit.state == "granted" and not commit.alone:
                 await self._retrying(commit, self._finish)
             elif commit.alone:
-                commit.state = "committed"
+                commit.state, commit.finished_at = "committed", time.time()
         except Exception as exc:  # a bug must not end the daemon; the marker stays unpublished
             log.exception("cluster: commit of %s failed", commit.scope)
             commit.error = f"internal error: {exc!r}"
@@ -552,7 +568,7 @@ class Cluster:
         while True:
             states = [self._marker_object(m) for m in commit.markers]
             if any(s == "gone" for s in states):
-                commit.state = "abandoned"
+                commit.state, commit.finished_at = "abandoned", time.time()
                 if not commit.alone:
                     await self._retrying(commit, self._abandon)
                 return
@@ -579,7 +595,7 @@ class Cluster:
                     marker_objects=commit.marker_objects)
         await self._replace_commit_record(commit, body)
         await self.store.delete_object(rec.pending_key(commit.scope, commit.commit_id))
-        commit.state = "committed"
+        commit.state, commit.finished_at = "committed", time.time()
         log.info("cluster: commit %s of %s is complete", commit.commit_id, commit.scope)
 
     async def _abandon(self, commit: HeldCommit) -> None:
