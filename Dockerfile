@@ -1,6 +1,8 @@
 # ckptfs image: `docker run --privileged --device /dev/fuse ... IMAGE mount s3://B/P /mnt --cache-dir /cache --foreground`
 # pyfuse3 has no wheels: build it against libfuse3 in a builder stage, install the wheels in a slim runtime.
 FROM python:3.11-slim AS build
+# Debian's versions within one release are the pin: the base image fixes the release.
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev pkg-config libfuse3-dev \
  && rm -rf /var/lib/apt/lists/*
@@ -11,6 +13,7 @@ COPY mount ./mount
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:3.11-slim
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends fuse3 \
  && rm -rf /var/lib/apt/lists/*

@@ -11,6 +11,8 @@ STAMP := $(VENV)/.installed
 deps:
 	@command -v fusermount3 >/dev/null && [ -e /usr/include/fuse3/fuse.h ] && command -v pkg-config >/dev/null \
 	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 libfuse3-dev pkg-config >/dev/null; }
+	@command -v promtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
+	  || echo "ckptfs: promtool (Debian package prometheus) not installed; the alert-rule checks will be skipped"
 	@[ -e /dev/fuse ] || { echo "ckptfs: /dev/fuse is missing (load the fuse module or run the container with --device /dev/fuse)"; exit 1; }
 	@# pjdfstest (tests/test_posix_conformance.py) is built from tests/conformance/ with these
 	@command -v autoreconf >/dev/null && command -v gcc >/dev/null && command -v make >/dev/null \

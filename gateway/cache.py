@@ -10,11 +10,38 @@ import dataclasses
 import errno
 import logging
 import os
+import stat
 from pathlib import Path
 
 import trio
 
 log = logging.getLogger(__name__)
+
+PRIVATE_DIR_MODE = 0o700
+
+
+class UnsafeCacheDir(Exception):
+    """The cache dir is writable by other users: its journal and data cannot be trusted."""
+
+
+def secure_cache_dir(path: Path) -> str | None:
+    """Create the cache dir 0700, or check an existing one; returns a warning if it was tightened.
+
+    It holds every file name, size, digest, the bucket and the prefix (and the data files). Group-
+    or world-writable: refused (UnsafeCacheDir), since another user could have replaced the journal
+    or a data file. Only readable by others (0755, as versions before 0.2 made it): tightened to
+    0700, with a warning.
+    """
+    path = Path(path)
+    path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o022:
+        raise UnsafeCacheDir(f"cache dir {path} is writable by other users (mode {mode:04o}): another user "
+                             f"could replace its journal or data; check its contents, then `chmod 700 {path}`")
+    if mode & 0o077:
+        os.chmod(path, PRIVATE_DIR_MODE)
+        return f"cache dir {path} was readable by other users (mode {mode:04o}); tightened to 0700"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +55,8 @@ class CacheFiles:
 
     def __init__(self, cache_dir: Path):
         self.root = Path(cache_dir) / "data"
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+        os.chmod(self.root, PRIVATE_DIR_MODE)
         self._fds: dict[int, list[int]] = {}  # inode -> [fd, references]
         self.used_bytes = self._scan_used()
 

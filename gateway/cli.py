@@ -1,4 +1,4 @@
-"""The `ckptfs` command: mount, unmount, status, wait, verify, and the operations commands.
+"""The `ckptfs` command: mount, unmount, status, wait, verify, checkpoints, and the operations commands.
 
 Every failure a user can cause prints one line on stderr and exits non-zero; tracebacks are for bugs.
 Subcommands from other modules register themselves through `register(subparsers)`.
@@ -21,8 +21,18 @@ COMMAND_MODULES = (
     "gateway.lifecycle",
     "gateway.promote",
     "gateway.cmd_config",
-    "gateway.bench",
+    "gateway.cmd_catalog",
 )
+
+
+def version() -> str:
+    """The installed distribution's version (pyproject.toml's)."""
+    from importlib.metadata import PackageNotFoundError, version as dist_version
+
+    try:
+        return dist_version("ckptfs")
+    except PackageNotFoundError:
+        return "0+unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ckptfs",
         description="Write-back checkpoint gateway: a FUSE filesystem on local NVMe that drains to S3.",
     )
+    parser.add_argument("--version", action="version", version=f"ckptfs {version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         try:

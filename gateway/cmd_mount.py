@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from gateway import config as configuration
+from gateway.cache import UnsafeCacheDir, secure_cache_dir
 from gateway.errors import CliError
 
 READY = b"READY\n"
@@ -65,6 +66,7 @@ def register(subparsers) -> None:
     u.add_argument("mountpoint")
     u.add_argument("--no-drain", action="store_true", help="exit without draining (pending work stays journaled)")
     u.add_argument("--timeout", type=float, default=None, help="seconds to wait for the daemon to exit")
+    u.add_argument("--quiet", "-q", action="store_true", help="no progress bar (there is none off a terminal)")
     u.set_defaults(func=unmount_command)
 
 
@@ -99,11 +101,15 @@ def check_mountpoint(path: str) -> None:
 def check_cache_dir(path: str) -> None:
     p = Path(path)
     try:
-        p.mkdir(parents=True, exist_ok=True)
+        warning = secure_cache_dir(p)
+    except UnsafeCacheDir as exc:
+        raise CliError(str(exc), code=2) from None
     except OSError as exc:
         raise CliError(f"cache dir {path} cannot be created: {exc.strerror}", code=2) from None
     if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
         raise CliError(f"cache dir {path} is not a writable directory", code=2)
+    if warning:
+        print(f"ckptfs: warning: {warning}", file=sys.stderr)
 
 
 def mount_command(args: argparse.Namespace) -> int:
@@ -138,8 +144,10 @@ def start_background(config: configuration.Config, timeout_s: float = 120) -> in
     read_fd, write_fd = os.pipe()
     cmd = [sys.executable, "-m", "gateway.cmd_mount", "--daemon", json.dumps(dataclasses.asdict(config)),
            str(write_fd)]
+    log_fd = open_private_log(config.log_file)
     proc = subprocess.Popen(cmd, pass_fds=(write_fd,), start_new_session=True, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=open(config.log_file, "ab"))
+                            stdout=subprocess.DEVNULL, stderr=log_fd)
+    os.close(log_fd)
     os.close(write_fd)
     message = _read_ready(read_fd, proc, timeout_s)
     if message == READY:
@@ -148,6 +156,13 @@ def start_background(config: configuration.Config, timeout_s: float = 120) -> in
         proc.kill()
     reason = message.decode(errors="replace").strip().removeprefix("ERROR ")
     raise CliError(reason or f"the daemon exited before the mount was ready (see {config.log_file})")
+
+
+def open_private_log(path: str) -> int:
+    """The daemon's log, appended to, 0600: it names files, the bucket and the prefix."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)
+    return fd
 
 
 def _read_ready(fd: int, proc: subprocess.Popen, timeout_s: float) -> bytes:
@@ -174,6 +189,7 @@ def _read_ready(fd: int, proc: subprocess.Popen, timeout_s: float) -> bytes:
 
 def unmount_command(args: argparse.Namespace) -> int:
     from gateway.cmd_status import read_status
+    from gateway.progress import DrainProgress
 
     mountpoint = str(Path(args.mountpoint).absolute())
     status = read_status(mountpoint)
@@ -185,11 +201,28 @@ def unmount_command(args: argparse.Namespace) -> int:
         raise CliError(f"cannot unmount {mountpoint}: {result.stderr.strip()}")
     timeout = args.timeout if args.timeout is not None else float(status.get("drain_timeout_s") or 600) + 30
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            return 0
-        time.sleep(0.1)
+    with DrainProgress("unmount: draining", quiet=args.quiet or args.no_drain) as bar:
+        while time.monotonic() < deadline:
+            if not _alive(pid):
+                bar.finish()
+                return 0
+            if bar.enabled:
+                status = _drain_status(status, pid)
+                bar.update(status)
+            time.sleep(0.1)
     raise CliError(f"daemon {pid} still draining after {timeout:.0f}s; it keeps going in the background")
+
+
+def _drain_status(last: dict, pid: int) -> dict:
+    """The status the daemon `pid` publishes in its cache dir while it drains (else `last`)."""
+    from gateway.control import DRAIN_STATUS_FILE
+
+    try:
+        with open(Path(last["cache_dir"]) / DRAIN_STATUS_FILE, "rb") as f:
+            status = json.loads(f.read())
+    except (OSError, ValueError, KeyError):
+        return last
+    return status if isinstance(status, dict) and status.get("pid") == pid else last
 
 
 def _alive(pid: int) -> bool:

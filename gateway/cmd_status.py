@@ -30,6 +30,7 @@ def register(subparsers) -> None:
     w.add_argument("mountpoint")
     w.add_argument("paths", nargs="*", metavar="PATH")
     w.add_argument("--timeout", type=float, default=None, help="give up after SECONDS (exit 1)")
+    w.add_argument("--quiet", "-q", action="store_true", help="no progress bar (there is none off a terminal)")
     w.set_defaults(func=wait_command)
 
     v = subparsers.add_parser("verify", help="re-read objects from the bucket and compare digests")
@@ -84,6 +85,7 @@ def format_status(s: dict) -> str:
 
     rows = [
         ("mount", s["mountpoint"]),
+        *([("FAILSAFE", f"read-only: the journal cannot be written ({s['failsafe']})")] if s.get("failsafe") else []),
         ("bucket", f"s3://{s['bucket']}/{s['prefix']}".rstrip("/")),
         ("endpoint", s.get("endpoint_url") or "(default)"),
         ("cache dir", s["cache_dir"]),
@@ -95,15 +97,19 @@ def format_status(s: dict) -> str:
         ("stale objects to delete", s["stale_objects"]),
         ("oldest pending", age(s["oldest_pending_age_s"])),
         ("newest durable change", age(s["newest_durable_age_s"])),
+        ("newest durable checkpoint", age(s.get("newest_durable_checkpoint_age_s"))),
         ("drain rate (10 s)", human_bytes(s["drain_rate_bps"]) + "/s"),
         ("uploaded", f"{human_bytes(s['uploaded_bytes_total'])} in {s['uploaded_files_total']} files"),
         ("retries / errors", f"{s['retries_total']} / {s['errors_total']}"),
         ("last error", s.get("last_error") or "-"),
+        ("background errors", f"{s.get('background_errors_total', 0)}"
+         + (f" (last: {s['last_background_error']})" if s.get("last_background_error") else "")),
     ]
     for key in ("cache_size_bytes", "evictable_bytes", "evictions_total", "backpressure_seconds_total"):
         if key in s:
             rows.append((key.replace("_", " "), s[key]))
     rows.extend(cluster_rows(s.get("cluster")))
+    rows += [("marker waiting", _commit_wait(w)) for w in s.get("commit_waits", [])]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -125,6 +131,13 @@ def cluster_rows(c: dict | None) -> list[tuple[str, object]]:
     return rows
 
 
+def _commit_wait(wait: dict) -> str:
+    """One marker held back: by files of its own scope here, or by other nodes (docs/CLUSTER.md)."""
+    if "waiting_for_local_files" in wait:
+        return f"{wait['marker']}: {wait['waiting_for_local_files']} local files first (e.g. {wait['example']})"
+    return f"{wait['marker']}: other nodes {json.dumps(wait.get('waiting_for_nodes', {}), sort_keys=True)}"
+
+
 def path_state(path: str) -> str:
     try:
         if is_local_only(os.stat(path).st_mode):
@@ -137,22 +150,29 @@ def path_state(path: str) -> str:
 
 
 def wait_command(args: argparse.Namespace) -> int:
+    from gateway.progress import DrainProgress
+
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     start = read_status(args.mountpoint)
     target_gen = start["generation"]
-    while True:
-        if args.paths:
-            pending = [p for p in args.paths if path_state(_in_mount(args.mountpoint, p)) not in DONE_STATES]
-        else:
-            status = read_status(args.mountpoint)
-            pending = [] if status["durable_through_generation"] >= target_gen else [
-                f"{status['pending_files']} files ({human_bytes(status['dirty_bytes'])}) not yet durable"
-                + (f"; last error: {status['last_error']}" if status.get("last_error") else "")]
-        if not pending:
-            return 0
-        if deadline is not None and time.monotonic() >= deadline:
-            raise CliError("timed out; still pending: " + ", ".join(pending[:20]), code=1)
-        time.sleep(0.1)
+    with DrainProgress("wait", quiet=args.quiet) as bar:
+        while True:
+            if args.paths:
+                pending = [p for p in args.paths if path_state(_in_mount(args.mountpoint, p)) not in DONE_STATES]
+                if bar.enabled:
+                    bar.update(read_status(args.mountpoint), len(pending), "path")
+            else:
+                status = read_status(args.mountpoint)
+                bar.update(status)
+                pending = [] if status["durable_through_generation"] >= target_gen else [
+                    f"{status['pending_files']} files ({human_bytes(status['dirty_bytes'])}) not yet durable"
+                    + (f"; last error: {status['last_error']}" if status.get("last_error") else "")]
+            if not pending:
+                bar.finish()
+                return 0
+            if deadline is not None and time.monotonic() >= deadline:
+                raise CliError("timed out; still pending: " + ", ".join(pending[:20]), code=1)
+            time.sleep(0.1)
 
 
 def _in_mount(mountpoint: str, path: str) -> str:

@@ -6,6 +6,9 @@ Read-only virtual attributes (never stored, never credentials):
   user.ckptfs.key     the object key the file is (or will be) stored under
   user.ckptfs.digest  xxh3-128 of the content last published
   user.ckptfs.status  (any inode, usually the mount root) the daemon status as one JSON object
+
+While the daemon drains after the unmount, the mount (and so its xattrs) is gone; it then writes
+the same status object to DRAIN_STATUS_FILE in the cache dir, which `ckptfs unmount` shows.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import trio
 from gateway.errors import FsError
 from gateway.namespace import ROOT_INODE
 
+DRAIN_STATUS_FILE = "drain-status.json"
+
 
 class Control:
     def __init__(self, ns, cache, drain, journal, config, started_at: float | None = None):
@@ -33,6 +38,7 @@ class Control:
         self.backpressure = None  # gateway.space.SpaceGuard when a cache size is enforced
         self.reader = None  # gateway.reader.Reader: bytes fetched from the bucket
         self.cluster = None  # gateway.cluster.Cluster with --cluster
+        self.background = None  # gateway.daemon.BackgroundErrors: errors that escaped a background task
 
     async def commit_durable(self) -> None:
         """Make every journal commit so far survive power loss (fsync, fsyncdir)."""
@@ -123,20 +129,47 @@ class Control:
             "last_error_age_s": None if counters.last_error_at is None else round(now - counters.last_error_at, 3),
             "generation": self.ns.gen,
             "durable_through_generation": view.durable_through_gen,
-            "newest_durable_checkpoint_age_s": None if counters.newest_durable_scope_at is None
-            else round(now - counters.newest_durable_scope_at, 3),
+            # since a commit scope (a checkpoint) last became durable; since the mount if none has
+            "newest_durable_checkpoint_age_s": round(now - (counters.newest_durable_scope_at or self.started_at), 3),
             "commit_waits": self.drain.commit_waits(),
+            "failsafe": self.journal.failed,  # why the journal cannot be written (the mount is read-only)
         }
+        if self.background is not None:
+            status["background_errors_total"] = self.background.count
+            status["last_background_error"] = self.background.last
         if self.backpressure is not None:
             status.update(self.backpressure.statistics())
         if self.reader is not None:
             status["fetched_bytes_total"] = self.reader.fetched_bytes
             status["digest_failures_total"] = self.reader.digest_failures
+            status["fetch_retries_total"] = self.reader.retries
+            status["fetch_errors_total"] = self.reader.errors
         if self.ops is not None:
             status["fuse_ops_total"] = dict(self.ops.op_counts)
         if self.cluster is not None:
             status["cluster"] = self.cluster.status()
         return status
 
+    async def publish_status(self, path: str, interval_s: float = 0.2) -> None:
+        """Write status() to `path` (temp + rename) every `interval_s` until cancelled; then remove it."""
+        tmp = path + ".tmp"
+        try:
+            while True:
+                data = json.dumps(self.status(), sort_keys=True).encode()
+                await trio.to_thread.run_sync(_replace_file, tmp, path, data)
+                await trio.sleep(interval_s)
+        finally:
+            for name in (tmp, path):
+                try:
+                    os.unlink(name)
+                except OSError:
+                    pass
+
     def _durable_files(self) -> int:
         return self.journal.one("SELECT count(*) FROM inodes WHERE durable=1 AND nlink>0 AND (mode & 61440) = 32768")[0]
+
+
+def _replace_file(tmp: str, path: str, data: bytes) -> None:
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)

@@ -9,8 +9,9 @@ and exit; whatever is left stays in the journal for the next mount.
 from __future__ import annotations
 
 import ctypes
-import fcntl
+import dataclasses
 import faulthandler
+import fcntl
 import logging
 import os
 import signal
@@ -20,29 +21,36 @@ from typing import Callable
 import pyfuse3
 import trio
 
-from gateway.cache import CacheFiles
+from gateway import content
+from gateway.cache import CacheFiles, UnsafeCacheDir, secure_cache_dir
 from gateway.config import Config, cache_size_bytes
-from gateway.control import Control
+from gateway.control import DRAIN_STATUS_FILE, Control
 from gateway.drain import Drain
-from gateway.errors import CliError, StoreError
+from gateway.errors import CliError, JournalError, StoreError
 from gateway.fs import Operations
 from gateway.journal import Journal
 from gateway.listing import BucketListing
 from gateway.namespace import Namespace
 from gateway.reader import Reader
+from gateway.retry import retrying
 from gateway.space import SpaceGuard
 from gateway.store import Store
 
 log = logging.getLogger(__name__)
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+RESTART_S = 1.0  # pause before a background service that failed is started again
 MOUNT_ATTEMPTS = 4  # bucket check and listing at mount: ~3.5 s of retries before a one-line error
 
 
 def lock_cache_dir(cache_dir: Path) -> int:
     """Take an exclusive lock on the cache dir, or explain who holds it."""
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        warning = secure_cache_dir(cache_dir)
+        if warning:
+            log.warning("%s", warning)
         fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except UnsafeCacheDir as exc:
+        raise CliError(str(exc), code=2) from None
     except OSError as exc:
         raise CliError(f"cache dir {cache_dir} is not usable: {exc.strerror}") from None
     try:
@@ -57,16 +65,8 @@ def lock_cache_dir(cache_dir: Path) -> int:
 
 
 def recover(ns: Namespace, cache: CacheFiles, journal: Journal) -> dict:
-    """Replay what a crash left: sizes of files being written, readiness, unlinked inodes, stray data."""
-    repaired = 0
-    for ino, size in journal.all("SELECT id, size FROM inodes WHERE content_dirty=1 AND nlink>0 AND (mode & 61440) = 32768"):
-        actual = cache.size_of(ino)
-        if actual is None:
-            cache.truncate(ino, 0)  # created but never written before the crash
-            actual = 0
-        if actual != size:
-            journal.execute("UPDATE inodes SET size=? WHERE id=?", (actual, ino))
-            repaired += 1
+    """Replay what a crash left: rows against data files, readiness, unlinked inodes, stray data."""
+    checked = content.check_data_files(ns, cache)
     unready = [r[0] for r in journal.all(
         "SELECT id FROM inodes WHERE ready_seq IS NULL AND durable=0 AND nlink>0 ORDER BY changed_at")]
     for ino in unready:
@@ -79,7 +79,7 @@ def recover(ns: Namespace, cache: CacheFiles, journal: Journal) -> dict:
             if entry.name.isdigit() and int(entry.name) not in known:
                 cache.remove(int(entry.name))
                 strays += 1
-    summary = {"sizes_repaired": repaired, "made_ready": len(unready), "purged": len(purged), "stray_data": strays}
+    summary = {**checked, "made_ready": len(unready), "purged": len(purged), "stray_data": strays}
     if any(summary.values()):
         log.info("recovered the journal: %s", summary)
     return summary
@@ -113,13 +113,14 @@ async def _serve_locked(config: Config, journal: Journal, on_ready: Callable[[],
     async with Store(config.bucket, config.prefix, endpoint_url=config.endpoint_url, region=config.region,
                      max_connections=config.upload_concurrency + 8) as store:
         await _at_mount(f"cannot use s3://{config.bucket}", store.check_bucket, timeout_s=30)
-        listing = BucketListing(ns, store, config.metadata_ttl_s, reconcile=config.cluster,
+        listing = BucketListing(ns, store, config.metadata_ttl_s, follow_bucket=config.cluster,
                                 on_stale_entry=_forget_entry)
         cluster = _cluster(config, ns, store, journal, listing)
         if cluster is not None:  # our lease exists before any write of ours: commits wait for us
             await _at_mount(f"cannot register in s3://{config.bucket}/{config.prefix}", cluster.register,
                             timeout_s=60)
-        await _at_mount(f"cannot list s3://{config.bucket}/{config.prefix}", listing.sync_once, timeout_s=300)
+        await _at_mount(f"cannot list s3://{config.bucket}/{config.prefix}",
+                        lambda: listing.sync_once(reconcile=True), timeout_s=300)
         drain = Drain(ns, cache, store, journal, config, gate=cluster)  # sets cluster.wake = drain.wake
         control = Control(ns, cache, drain, journal, config)
         control.cluster = cluster
@@ -130,18 +131,54 @@ async def _serve_locked(config: Config, journal: Journal, on_ready: Callable[[],
                            high=config.cache_high_watermark, low=config.cache_low_watermark,
                            timeout_s=config.backpressure_timeout_s)
         control.backpressure = space
+        control.background = errors = BackgroundErrors()
         async with trio.open_nursery() as fetch_nursery:
             reader = Reader(ns, cache, store, fetch_nursery, space)
             space.reader = reader
+            ns.purge_listeners += [space.forget, reader.forget]
             ops = Operations(ns, cache, control, reader=reader, space=space)
             control.ops = ops
             control.reader = reader
-            fetch_nursery.start_soon(listing.run)
+            fetch_nursery.start_soon(supervised, "bucket listing", listing.run, errors)
             if cluster is not None:
                 ops.remote_lookup = cluster.lookup_remote
-                await fetch_nursery.start(cluster.run)
-            await _run_mounted(config, ops, drain, on_ready, cluster)
+                await fetch_nursery.start(supervised, "cluster", cluster.run, errors)
+            await _run_mounted(config, ops, drain, on_ready, errors, cluster)
             fetch_nursery.cancel_scope.cancel()
+
+
+@dataclasses.dataclass
+class BackgroundErrors:
+    """Exceptions that escaped a background service (shown in status); the mount stays up."""
+
+    count: int = 0
+    last: str | None = None
+    journal_failed: set[str] = dataclasses.field(default_factory=set)
+
+    def record(self, name: str, exc: Exception) -> None:
+        self.count += 1
+        self.last = f"{name}: {exc!r}"
+        if isinstance(exc, JournalError):
+            if name not in self.journal_failed:  # once per service: it retries every RESTART_S
+                self.journal_failed.add(name)
+                log.error("%s: the journal cannot be written (%s); the mount stays up, read-only", name, exc)
+        else:
+            log.exception("%s failed unexpectedly; restarting it in %.0f s", name, RESTART_S)
+
+
+async def supervised(name: str, service, errors: BackgroundErrors, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Run a background service (drain, listing) for the life of the mount: an exception that
+    escapes it is logged and counted and the service starts again, instead of ending the nursery
+    and with it the mount. Cancellation (unmount) still ends it."""
+    kwargs = {} if task_status is trio.TASK_STATUS_IGNORED else {"task_status": task_status}
+    while True:
+        try:
+            await service(**kwargs)
+            return
+        except Exception as exc:
+            errors.record(name, exc)
+        kwargs = {}  # started once: the mount does not wait for a restart
+        await trio.sleep(RESTART_S)
 
 
 def _forget_entry(parent: int, name: bytes) -> None:
@@ -169,15 +206,7 @@ async def _at_mount(what: str, call, *, timeout_s: float, attempts: int = MOUNT_
     """A request the mount depends on: transient errors are retried a few times, then one line."""
     try:
         with trio.fail_after(timeout_s):
-            for attempt in range(1, attempts + 1):
-                try:
-                    await call()
-                    return
-                except StoreError as exc:
-                    if not exc.transient or attempt == attempts:
-                        raise
-                    log.info("%s: %s; retrying", what, exc)
-                    await trio.sleep(0.25 * 2 ** attempt)
+            await retrying(what, call, attempts, base_s=0.5)
     except (StoreError, trio.TooSlowError) as exc:
         raise CliError(f"{what}: {exc or f'no answer within {timeout_s:.0f} s'}") from None
 
@@ -188,7 +217,7 @@ def _disk_bytes(cache: CacheFiles) -> int:
 
 
 async def _run_mounted(config: Config, ops: Operations, drain: Drain, on_ready: Callable[[], None],
-                       cluster=None) -> None:
+                       errors: BackgroundErrors, cluster=None) -> None:
     no_drain = {"set": config.no_drain}
     try:
         pyfuse3.init(ops, config.mountpoint, mount_options(config))
@@ -196,7 +225,7 @@ async def _run_mounted(config: Config, ops: Operations, drain: Drain, on_ready: 
         raise CliError(f"cannot mount at {config.mountpoint}: {exc}") from None
     clean = False
     async with trio.open_nursery() as nursery:
-        await nursery.start(drain.run)
+        await nursery.start(supervised, "drain", drain.run, errors)
         nursery.start_soon(_watch_signals, no_drain)
         _start_metrics(config, ops.control)
         on_ready()
@@ -208,7 +237,11 @@ async def _run_mounted(config: Config, ops: Operations, drain: Drain, on_ready: 
         finally:
             pyfuse3.close(unmount=clean)
         if not no_drain["set"]:
-            if await _drain_before_exit(drain, config.drain_timeout_s) and cluster is not None:
+            async with trio.open_nursery() as progress:  # `ckptfs unmount` shows it
+                progress.start_soon(ops.control.publish_status, str(Path(config.cache_dir) / DRAIN_STATUS_FILE))
+                drained = await _drain_before_exit(drain, config.drain_timeout_s)
+                progress.cancel_scope.cancel()
+            if drained and cluster is not None:
                 await cluster.retire()  # everything of ours is durable: commits need not wait for us
         drain.stop()
         nursery.cancel_scope.cancel()
@@ -254,6 +287,7 @@ def configure_logging(config: Config) -> None:
     handlers: list[logging.Handler] = []
     if config.log_file:
         handlers.append(logging.FileHandler(config.log_file))
+        os.chmod(config.log_file, 0o600)  # it names files, the bucket and the prefix
     else:
         handlers.append(logging.StreamHandler())
     logging.basicConfig(level=config.log_level.upper(), handlers=handlers, force=True,
@@ -277,6 +311,7 @@ def pin_mmap_threshold() -> None:
 
 
 def run(config: Config, on_ready: Callable[[], None]) -> None:
+    os.umask(0o077)  # the daemon's own files (journal, log, data) are its user's only
     configure_logging(config)
     pin_mmap_threshold()
     trio.run(serve, config, on_ready)

@@ -29,7 +29,7 @@ from gateway.config import Config
 from gateway.drain_status import DrainCounters, PendingView, pending_view
 from gateway.errors import NoSuchKey, StoreError
 from gateway.journal import Journal
-from gateway.namespace import INODE_COLUMNS, ROOT_INODE, Attr, Namespace
+from gateway.namespace import ROOT_INODE, Attr, Namespace
 from gateway.objects import ObjectBook
 from gateway.publisher import Publisher, Superseded
 from gateway.retry import backoff_s
@@ -525,7 +525,7 @@ class Drain:
         self.counters.uploaded_bytes += size
         self.counters.uploaded_files += 1
 
-    def _count_retry(self, exc: StoreError) -> None:
+    def _count_retry(self, exc: StoreError, attempt: int, delay_s: float) -> None:
         self.counters.retries += 1
 
     def _count_rate(self, size: int) -> None:

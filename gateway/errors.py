@@ -37,3 +37,7 @@ class NoSuchKey(StoreError):
     def __init__(self, key: str):
         super().__init__(f"no such key: {key}", transient=False, code="NoSuchKey")
         self.key = key
+
+
+class JournalError(Exception):
+    """The journal cannot be written (disk full, I/O error): the mount is failsafe (read-only)."""

@@ -7,6 +7,7 @@ logged with its traceback and answered EIO instead of ending the mount.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import itertools
@@ -17,8 +18,9 @@ from typing import Callable
 
 import pyfuse3
 
+from gateway import content
 from gateway.cache import CacheFiles, is_disk_full
-from gateway.errors import FsError
+from gateway.errors import FsError, JournalError
 from gateway.namespace import Attr, Namespace, is_local_only
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,10 @@ log = logging.getLogger(__name__)
 # The kernel may cache names and attributes this long; the daemon is the only writer of its tree,
 # so only other nodes' files (visible after --metadata-ttl) are affected by it.
 ATTR_TIMEOUT_S = 5.0
+# Requests that change the tree or a file. When the journal cannot be written (failsafe) they answer
+# EROFS at once, like a filesystem remounted read-only after an error; reads go on.
+MUTATING = frozenset({"setattr", "mkdir", "rmdir", "unlink", "rename", "symlink", "link", "mknod", "create",
+                      "write", "setxattr", "removexattr"})
 XATTR_PREFIX = b"user."
 CONTROL_XATTR_PREFIX = b"user.ckptfs."
 
@@ -37,11 +43,15 @@ def fuse_errors(handler: Callable) -> Callable:
     async def wrapper(self, *args):
         self.op_counts[handler.__name__] = self.op_counts.get(handler.__name__, 0) + 1
         try:
+            if handler.__name__ in MUTATING:
+                self.check_writable()
             return await handler(self, *args)
         except pyfuse3.FUSEError:
             raise
         except FsError as exc:
             raise pyfuse3.FUSEError(exc.errno) from None
+        except JournalError:  # logged once by the journal; from now on the mount is failsafe
+            raise pyfuse3.FUSEError(errno.EROFS) from None
         except OSError as exc:
             if is_disk_full(exc):
                 log.error("%s: cache disk full (%s); the write was not acknowledged", handler.__name__, exc)
@@ -84,6 +94,10 @@ class Operations(pyfuse3.Operations):
         self._fh_counter = itertools.count(1)
         self.op_counts: dict[str, int] = {}
 
+    def check_writable(self) -> None:
+        if self.ns.journal.failed:
+            raise FsError(errno.EROFS)
+
     # ---- attributes ----------------------------------------------------------------------
 
     def entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
@@ -124,6 +138,8 @@ class Operations(pyfuse3.Operations):
         for ino, count in inode_list:
             try:
                 self.ns.forget(ino, count)
+            except JournalError:
+                pass  # failsafe: the unlinked inode is purged at the next start
             except Exception:
                 log.exception("forget(%d) failed", ino)
 
@@ -137,8 +153,9 @@ class Operations(pyfuse3.Operations):
         if size is not None:
             if self.ns.getattr(inode).is_dir:
                 raise FsError(errno.EISDIR)
-            await self._ensure_local(inode, whole=True)
-            self.cache.truncate(inode, size)
+            with self._pinned(inode):
+                await self._ensure_local(inode, whole=True)
+                content.truncate(self.ns, self.cache, inode, size)
         result = self.ns.setattr(
             inode,
             mode=attr.st_mode if fields.update_mode else None,
@@ -264,15 +281,23 @@ class Operations(pyfuse3.Operations):
         if attr.is_dir:
             raise FsError(errno.EISDIR)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        if writable and flags & os.O_TRUNC and not attr.cached and self.reader and inode not in self.reader.fetches:
-            self.ns.set_cached(inode, True)  # the old content is discarded: no need to fetch it
-        else:
-            await self._ensure_local(inode, whole=writable)
-        info = self._open_handle(inode, flags)
-        if flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY and attr.size:
-            self.cache.truncate(inode, 0)
+        if writable:
+            self.check_writable()
+        truncating = writable and bool(flags & os.O_TRUNC)
+        with self._pinned(inode):  # not evicted between its fetch and the handle
+            if truncating and not attr.cached and self.reader and inode not in self.reader.fetches:
+                content.discard(self.ns, self.cache, inode)  # the old content is not fetched
+            else:
+                await self._ensure_local(inode, whole=writable)
+            info = self._open_handle(inode, flags)
+        if truncating and self.ns.getattr(inode).size:
+            content.truncate(self.ns, self.cache, inode, 0)
             self.ns.setattr(inode, size=0)
         return info
+
+    def _pinned(self, ino: int):
+        """While a handler awaits a fetch, the file is not evicted under it."""
+        return self.space.pinned(ino) if self.space is not None else contextlib.nullcontext()
 
     async def _ensure_local(self, ino: int, whole: bool) -> None:
         """Files evicted from the cache or known only from the bucket are fetched (all of it to write)."""
@@ -291,9 +316,7 @@ class Operations(pyfuse3.Operations):
         handle = self.handles[fh]
         if self.space is not None:
             await self.space.reserve(len(buf))
-        written = self.cache.write(handle.ino, off, buf)
-        self.ns.note_write(handle.ino, off, buf if written == len(buf) else buf[:written])
-        return written
+        return content.write(self.ns, self.cache, handle.ino, off, buf)
 
     @fuse_errors
     async def flush(self, fh):
@@ -310,6 +333,8 @@ class Operations(pyfuse3.Operations):
         handle = self.handles.pop(fh)
         try:
             self.ns.closed(handle.ino, handle.writable)
+        except JournalError:
+            pass  # failsafe (logged once); the next start takes the data file's size
         except Exception:
             log.exception("release of inode %d failed", handle.ino)
         finally:

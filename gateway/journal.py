@@ -11,13 +11,18 @@ import os
 import sqlite3
 from pathlib import Path
 
+from gateway.errors import JournalError
+
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: inode numbers are never reused (AUTOINCREMENT)
+PRIVATE_MODE = 0o600  # journal.db, its WAL and shared-memory file: file names, sizes, bucket and prefix
+# Errors that mean the journal cannot be written (disk full, I/O error, read-only): the mount goes failsafe.
+WRITE_FAILURES = {sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN}
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS inodes (
-    id INTEGER PRIMARY KEY,            -- the FUSE inode number; 1 is the root
+INODES_TABLE = """
+CREATE TABLE IF NOT EXISTS {name} (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- the FUSE inode number, never reused; 1 is the root
     mode INTEGER NOT NULL,             -- st_mode: file type and permission bits
     uid INTEGER NOT NULL,
     gid INTEGER NOT NULL,
@@ -35,8 +40,10 @@ CREATE TABLE IF NOT EXISTS inodes (
     changed_at REAL NOT NULL DEFAULT 0,        -- wall time of the last change: drain delay, hold limit
     digest TEXT,                       -- xxh3-128 hex digest of the content last published
     cached INTEGER NOT NULL DEFAULT 1  -- 1: the cache data file holds the whole content
-);
-CREATE INDEX IF NOT EXISTS inodes_pending ON inodes(durable) WHERE durable = 0;
+)"""
+INODES_INDEX = "CREATE INDEX IF NOT EXISTS inodes_pending ON inodes(durable) WHERE durable = 0"
+
+SCHEMA = INODES_TABLE.format(name="inodes") + ";\n" + INODES_INDEX + """;
 
 CREATE TABLE IF NOT EXISTS dentries (
     id INTEGER PRIMARY KEY AUTOINCREMENT,  -- readdir offset: stable while the directory changes
@@ -95,6 +102,8 @@ class Journal:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.failed: str | None = None  # why the journal could not be written: the mount is failsafe
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, PRIVATE_MODE))  # SQLite gives -wal/-shm its mode
         self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
@@ -103,6 +112,7 @@ class Journal:
         self.conn.executescript(SCHEMA)
         self._wal_path = str(self.path) + "-wal"
         self._check_version()
+        self._make_private()
 
     def _add_columns_of_older_schemas(self) -> None:
         """Journals written before a column existed get it (NULL), before the schema's indexes."""
@@ -114,20 +124,54 @@ class Journal:
         row = self.conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
         if row is None:
             self.conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+        elif int(row[0]) == 1:
+            self._migrate_from_1()
         elif int(row[0]) != SCHEMA_VERSION:
             raise RuntimeError(f"journal {self.path} has schema {row[0]}, this ckptfs reads {SCHEMA_VERSION}")
 
+    def _migrate_from_1(self) -> None:
+        """Schema 1 let SQLite reuse the highest inode number after a purge: copy into AUTOINCREMENT."""
+        with self.transaction():
+            self.execute(INODES_TABLE.format(name="inodes_v2"))
+            self.execute("INSERT INTO inodes_v2 SELECT * FROM inodes")
+            self.execute("DROP TABLE inodes")
+            self.execute("ALTER TABLE inodes_v2 RENAME TO inodes")
+            self.execute(INODES_INDEX)
+            self.set_meta("schema_version", SCHEMA_VERSION)
+        log.info("journal %s: migrated from schema 1 to %d", self.path, SCHEMA_VERSION)
+
+    def _make_private(self) -> None:
+        """Journals made by older versions were 0644: tighten them (and the WAL files) to 0600."""
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.chmod(str(self.path) + suffix, PRIVATE_MODE)
+            except FileNotFoundError:
+                pass
+
     def execute(self, sql: str, params: tuple = ()) -> sqlite3.Cursor:
-        return self.conn.execute(sql, params)
+        try:
+            return self.conn.execute(sql, params)
+        except sqlite3.OperationalError as exc:
+            self._raise_if_write_failure(exc)
+            raise
 
     def one(self, sql: str, params: tuple = ()):
-        return self.conn.execute(sql, params).fetchone()
+        return self.execute(sql, params).fetchone()
 
     def all(self, sql: str, params: tuple = ()) -> list:
-        return self.conn.execute(sql, params).fetchall()
+        return self.execute(sql, params).fetchall()
+
+    def _raise_if_write_failure(self, exc: sqlite3.OperationalError) -> None:
+        if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) not in WRITE_FAILURES:
+            return
+        if self.failed is None:
+            self.failed = f"{exc} ({exc.sqlite_errorname})"
+            log.error("the journal %s cannot be written (%s): the mount is read-only (failsafe) until it is "
+                      "unmounted, space is freed and it is mounted again; reads go on", self.path, self.failed)
+        raise JournalError(self.failed) from exc
 
     def transaction(self) -> "_Transaction":
-        return _Transaction(self.conn)
+        return _Transaction(self)
 
     def get_meta(self, name: str, default=None):
         row = self.one("SELECT value FROM meta WHERE name=?", (name,))
@@ -155,15 +199,35 @@ class Journal:
 
 
 class _Transaction:
-    """`with journal.transaction():` groups statements into one atomic commit."""
+    """`with journal.transaction():` groups statements into one atomic commit.
 
-    def __init__(self, conn: sqlite3.Connection):
-        self.conn = conn
+    A failed statement or a failed COMMIT rolls the whole transaction back, so the connection is
+    never left inside a transaction that later statements would silently join.
+    """
+
+    def __init__(self, journal: Journal):
+        self.journal = journal
 
     def __enter__(self):
-        self.conn.execute("BEGIN IMMEDIATE")
+        self.journal.execute("BEGIN IMMEDIATE")
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+        if exc_type is None:
+            try:
+                self.journal.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+        else:
+            self._rollback()
         return False
+
+    def _rollback(self) -> None:
+        conn = self.journal.conn
+        if not conn.in_transaction:
+            return  # SQLite already rolled back (e.g. after SQLITE_FULL)
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            log.error("rollback of a failed journal transaction failed: %s", exc)

@@ -39,14 +39,14 @@ def key_components(key: str) -> list[str] | None:
 class BucketListing:
     """Merges listings of the prefix into the namespace (`sync_once`, `run`)."""
 
-    def __init__(self, ns: Namespace, store: Store, ttl_s: float, *, reconcile: bool = False,
+    def __init__(self, ns: Namespace, store: Store, ttl_s: float, *, follow_bucket: bool = False,
                  on_stale_entry: Callable[[int, bytes], None] = lambda parent, name: None):
         self.ns = ns
         self.store = store
         self.ttl_s = ttl_s
         # Several nodes (--cluster): files this node only knows from the bucket follow the bucket:
-        # dropped when another node deleted the object, refreshed when it overwrote it.
-        self.reconcile = reconcile
+        # dropped when another node deleted the object, replaced when it overwrote it.
+        self.follow_bucket = follow_bucket
         self.on_stale_entry = on_stale_entry  # the kernel must forget a cached name
         self.dropped = 0
         self.refreshed = 0
@@ -54,20 +54,24 @@ class BucketListing:
         self.last_sync_at: float | None = None
         self.adopted = 0
 
-    async def sync_once(self) -> int:
-        """List the whole prefix and adopt unknown keys; returns how many entries were added."""
+    async def sync_once(self, *, reconcile: bool = False) -> int:
+        """List the whole prefix and adopt unknown keys; returns how many entries were added.
+
+        With `reconcile` (at mount, before the drain starts), objects the journal records but the
+        bucket lacks are found too (see `_forget_missing`)."""
         known = dict(self.ns.journal.all("SELECT key, etag FROM objects"))
-        added = 0
         listed: dict[str, dict] = {}
+        added = 0
         async for item in self.store.list_objects(""):
             key = self.store.relative_key(item["Key"])
-            if self.reconcile:
-                listed[key] = item
+            listed[key] = item
             if key in known:
                 continue
             added += self._adopt(key, item)
-        if self.reconcile:
-            self._reconcile(known, listed)
+        if reconcile:
+            self._forget_missing(set(known) - set(listed))
+        elif self.follow_bucket:
+            self._follow(known, listed)
         self.last_sync_at = time.time()
         self.adopted += added
         if added:
@@ -80,7 +84,7 @@ class BucketListing:
             return 0
         return self._adopt(key, item)
 
-    def _reconcile(self, known: dict[str, str], listed: dict[str, dict]) -> None:
+    def _follow(self, known: dict[str, str], listed: dict[str, dict]) -> None:
         """Clean files whose object vanished or changed in the bucket (another node deleted or
         overwrote it) follow the bucket. `known` was read before the listing started, so an upload
         that finished meanwhile is never mistaken for a deletion."""
@@ -89,7 +93,7 @@ class BucketListing:
                 continue
             row = self.ns.journal.one("SELECT inode, etag FROM objects WHERE key=?", (key,))
             if row is None or row[0] is None or row[1] != etag or etag is None:
-                continue  # changed by this node meanwhile
+                continue  # stale, or changed by this node meanwhile
             ino = row[0]
             attr = self.ns.getattr(ino)
             if not attr.durable or attr.content_dirty or ino in self.ns.open or self.ns.path_of(ino) != key:
@@ -110,7 +114,7 @@ class BucketListing:
             else:
                 self._adopt(key, item)
                 self.refreshed += 1
-                log.info("%s was overwritten in the bucket (by another node): refreshed here", key)
+                log.info("%s was overwritten in the bucket (by another node): replaced here", key)
             self.on_stale_entry(parent, name)
 
     def _adopt(self, key: str, item: dict) -> int:
@@ -144,6 +148,29 @@ class BucketListing:
         self.ns.adopt_remote(parent, name, is_dir=False, size=int(item.get("Size", 0)), mtime_ns=mtime_ns,
                              key=key, etag=item.get("ETag", ""))
         return added + 1
+
+    def _forget_missing(self, missing: set[str]) -> None:
+        """The journal records these objects but the bucket does not hold them: the drain published
+        a change (a delete, a rename) that a power loss then took out of the journal, or someone
+        deleted them. A live file whose content is local is uploaded again; one whose content is
+        not local cannot be read any more (logged); a directory gets its marker again."""
+        for key in sorted(missing):
+            row = self.ns.journal.one(
+                "SELECT o.inode, i.cached, i.nlink FROM objects o JOIN inodes i ON i.id = o.inode WHERE o.key=?",
+                (key,))
+            self.ns.journal.execute("DELETE FROM objects WHERE key=?", (key,))
+            if row is None or row[2] == 0 or self.ns.remote_key(row[0]) is not None:
+                continue  # stale, or another object still holds the content
+            ino, cached = row[0], row[1]
+            if key.endswith("/"):
+                self.ns.journal.execute("UPDATE inodes SET durable=0 WHERE id=?", (ino,))
+                self.ns.mark_ready(ino)
+            elif cached:
+                self.ns.content_changed(ino)
+                self.ns.mark_ready(ino)
+                log.warning("object %r is missing from the bucket: uploading the cached file again", key)
+            else:
+                log.error("object %r is missing from the bucket and its file is not cached: reading it fails", key)
 
     def _warn_shadowed(self, key: str, why: str) -> None:
         if key not in self.warned:

@@ -38,11 +38,24 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "upload_errors_total": ("ckptfs_upload_errors", "counter", "Failed object-store requests"),
     "retries_total": ("ckptfs_retries", "counter", "Retried object-store requests"),
     "oldest_pending_age_s": ("ckptfs_oldest_pending_age_seconds", "gauge", "Age of the oldest pending write"),
-    "newest_durable_age_s": ("ckptfs_newest_durable_age_seconds", "gauge", "Seconds since a file last became durable"),
+    "newest_durable_age_s": ("ckptfs_newest_durable_age_seconds", "gauge",
+                             "Age of the newest write that is durable in the bucket"),
+    "newest_durable_checkpoint_age_s": ("ckptfs_newest_durable_checkpoint_age_seconds", "gauge",
+                                        "Seconds since a checkpoint last became durable (since the mount if none has)"),
     "backpressure_seconds_total": ("ckptfs_backpressure_seconds", "counter", "Time writers were blocked on a full cache"),
     "cache_used_bytes": ("ckptfs_cache_used_bytes", "gauge", "Bytes used in the local cache"),
     "evictions_total": ("ckptfs_evictions", "counter", "Clean files evicted from the cache"),
+    "backpressure_waits_total": ("ckptfs_backpressure_waits", "counter", "Writes that waited for cache space"),
+    "backpressure_writers_waiting": ("ckptfs_backpressure_writers_waiting", "gauge",
+                                     "Writers waiting for cache space now"),
+    "cache_overflows_total": ("ckptfs_cache_overflows", "counter",
+                              "Writes let past a full cache that only files being written filled"),
+    "failsafe": ("ckptfs_failsafe", "gauge", "1 while the gateway is in failsafe mode"),
 }
+
+# Exported with this value when the daemon's status lacks the key (a gateway without failsafe
+# mode is never in it).
+DEFAULTS = {"failsafe": 0}
 
 ALIASES = {"upload_errors_total": "errors_total"}  # the daemon's status calls it errors_total
 
@@ -76,6 +89,8 @@ class StatsCollector(Collector):
             value = stats.get(key)
             if value is None and key in ALIASES:
                 value = stats.get(ALIASES[key])
+            if value is None and key not in stats:
+                value = DEFAULTS.get(key)
             if value is None:
                 continue
             family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
@@ -86,6 +101,12 @@ class StatsCollector(Collector):
             for op, count in sorted(ops.items()):
                 family.add_metric([str(op)], float(count))
             yield family
+
+
+def exported_names() -> set[str]:
+    """Every metric name the exporter can serve (counters with their _total suffix)."""
+    names = {name + ("_total" if kind == "counter" else "") for name, kind, _ in METRICS.values()}
+    return names | {"ckptfs_stats_up", "ckptfs_fuse_ops_total"}
 
 
 def start_metrics_server(

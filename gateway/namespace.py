@@ -118,6 +118,7 @@ class Namespace:
         self.names_of: dict[int, list[tuple[int, bytes]]] = {}
         self.entry_of: dict[int, tuple[int, bytes]] = {}
         self.written_digests: dict[int, tuple[str, int]] = {}  # inode -> (xxh3, size) hashed while written
+        self.purge_listeners: list[Callable[[int], None]] = []  # per-inode state elsewhere, dropped on purge
         self.owner = (uid, gid)
         self._ensure_root(uid, gid)
         self._count_subdirs()
@@ -454,9 +455,9 @@ class Namespace:
                 self._add_subdirs(new_parent, 1)
             self._touch_dir(old_parent, t, gen)
             self._touch_dir(new_parent, t, gen)
-            self._rename_name(ino, (old_parent, old_name), (new_parent, new_name))
             self._mark_moved(ino, gen)
             self.journal.execute("INSERT OR REPLACE INTO scopes VALUES (?, ?)", (ino, self._next_seq()))
+        self._rename_name(ino, (old_parent, old_name), (new_parent, new_name))  # in memory once journaled
         if target is not None:
             self._forget_name(target, new_parent, new_name)
         self.on_change()
@@ -499,12 +500,12 @@ class Namespace:
                 moved = 1 if a1.is_dir else -1  # subdirectories p1 gives to p2
                 self._add_subdirs(p1, -moved)
                 self._add_subdirs(p2, moved)
-            self._rename_name(i1, (p1, n1), (p2, n2))
-            self._rename_name(i2, (p2, n2), (p1, n1))
             self._touch_dir(p1, t, gen)
             self._touch_dir(p2, t, gen)
             self._mark_moved(i1, gen)
             self._mark_moved(i2, gen)
+        self._rename_name(i1, (p1, n1), (p2, n2))  # in memory once journaled
+        self._rename_name(i2, (p2, n2), (p1, n1))
         self.on_change()
         return None
 
@@ -539,38 +540,42 @@ class Namespace:
                 self.mark_ready(ino)
         return self.getattr(ino)
 
-    def content_changed(self, ino: int) -> None:
-        """The content differs from what was published: not durable, not ready, old objects stale."""
+    def content_changed(self, ino: int) -> bool:
+        """The content differs from what was published: not durable, not ready, old objects stale.
+
+        Returns whether the journal had the content as clean until now (see gateway/content.py)."""
         self.written_digests.pop(ino, None)
         state = self.open.get(ino)
         if state is not None:
             state.version += 1
-            if state.written:
-                return  # already recorded since the last flush to the journal
-            state.written = True
+            if state.written and state.writers > 0:
+                return False  # already recorded since it was opened for writing; the drain skips it meanwhile
         gen = self._next_gen()
         with self.journal.transaction():
+            row = self.journal.one("SELECT content_dirty FROM inodes WHERE id=?", (ino,))
             self.journal.execute(
                 "UPDATE inodes SET content_dirty=1, durable=0, ready_seq=NULL, changed_gen=?, changed_at=? "
                 "WHERE id=?",
                 (gen, time.time(), ino),
             )
+        if state is not None:
+            state.written = True
         self.on_change()
+        return row is not None and row[0] == 0
 
     def note_write(self, ino: int, offset: int, data: bytes) -> None:
-        """A write reached the cache file: track size and mtime in memory, journal the first one."""
+        """A write reached the cache file (after `content_changed`): track size and mtime in memory."""
         state = self.open.setdefault(ino, OpenState())
         current = state.size if state.size is not None else self.getattr(ino).size
         self._hash_write(state, current, offset, data)
         state.size = max(current, offset + len(data))
         state.mtime_ns = now_ns()
-        self.content_changed(ino)
 
     @staticmethod
     def _hash_write(state: OpenState, size_before: int, offset: int, data: bytes) -> None:
         """Checkpoints are written front to back: hash them on the way, so the drain need not
         re-read the file for its digest. Any other pattern drops the running hash."""
-        if state.hasher is None and not state.written and size_before == 0 and offset == 0:
+        if state.hasher is None and size_before == 0 and offset == 0:
             state.hasher, state.hashed = xxhash.xxh3_128(), 0
         if state.hasher is None:
             return
@@ -689,7 +694,10 @@ class Namespace:
             self.journal.execute("DELETE FROM inodes WHERE id=?", (ino,))
             self.journal.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
             self.journal.execute("DELETE FROM scopes WHERE root=?", (ino,))
+        self.written_digests.pop(ino, None)
         self.on_purge(ino)
+        for forget in self.purge_listeners:
+            forget(ino)
 
     def purge_unlinked(self) -> list[int]:
         """At start: inodes unlinked while open before a crash are gone for good."""
@@ -738,8 +746,9 @@ class Namespace:
         self._remove_entry(entry[0], entry[1], ino)
         self.journal.execute("DELETE FROM objects WHERE key=? AND inode IS NULL", (key,))
 
-    def set_cached(self, ino: int, cached: bool) -> None:
-        self.journal.execute("UPDATE inodes SET cached=? WHERE id=?", (int(cached), ino))
+    def set_cached(self, ino: int, cached: bool, *, size: int | None = None) -> None:
+        self.journal.execute("UPDATE inodes SET cached=?, size=coalesce(?, size) WHERE id=?",
+                             (int(cached), size, ino))
 
     def remote_key(self, ino: int) -> str | None:
         """The key of an object that holds this inode's current content, if one is published."""

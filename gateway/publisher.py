@@ -28,7 +28,7 @@ from gateway.journal import Journal
 from gateway.keys import PRIVATE_DIR
 from gateway.objects import ObjectBook
 from gateway.priority import PriorityFn, PriorityLimiter
-from gateway.retry import retrying
+from gateway.retry import OnRetry, retrying
 from gateway.store import Store
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
 
 class Publisher:
     def __init__(self, store: Store, journal: Journal, book: ObjectBook, config: Config,
-                 on_retry: Callable[[StoreError], None], on_bytes: Callable[[int], None]):
+                 on_retry: OnRetry, on_bytes: Callable[[int], None]):
         self.store = store
         self.journal = journal
         self.book = book
@@ -179,9 +179,9 @@ class Publisher:
                                                      lambda: part(upload_id, number, start, end))
 
     async def _create(self, key: str, create) -> str:
-        def lost(exc: StoreError) -> None:
+        def lost(exc: StoreError, attempt: int, delay_s: float) -> None:
             self._lost_creates.add(key)
-            self._on_retry(exc)
+            self._on_retry(exc, attempt, delay_s)
 
         try:
             return await retrying(f"create multipart {key}", create, on_retry=lost)

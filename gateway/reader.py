@@ -17,8 +17,9 @@ import trio
 import xxhash
 
 from gateway.cache import CacheFiles
-from gateway.errors import FsError, StoreError
+from gateway.errors import FsError, JournalError, StoreError
 from gateway.namespace import Namespace
+from gateway.retry import retrying
 from gateway.store import METADATA_DIGEST, Store
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,15 @@ class Reader:
         self.limiter = trio.CapacityLimiter(FETCH_CONCURRENCY)
         self.fetched_bytes = 0
         self.digest_failures = 0
+        self.retries = 0
+        self.errors = 0
+
+    def _count_retry(self, exc: StoreError, attempt: int, delay_s: float) -> None:
+        self.retries += 1
+
+    def forget(self, ino: int) -> None:
+        """The inode was purged: drop what is known about it here."""
+        self.corrupt.discard(ino)
 
     async def ensure_local(self, ino: int, *, whole: bool = False) -> None:
         """Start fetching an uncached file; with `whole`, wait until all of it is local."""
@@ -108,7 +118,7 @@ class Reader:
         try:
             if key is None:
                 raise StoreError("no object holds this file's content", transient=False)
-            head = await self.store.head_object(key)
+            head = await retrying(f"HEAD {key}", lambda: self.store.head_object(key), on_retry=self._count_retry)
             expected = head.get("Metadata", {}).get(METADATA_DIGEST)
             if int(head["ContentLength"]) != fetch.size:
                 raise StoreError(f"object {key} has {head['ContentLength']} bytes, expected {fetch.size}",
@@ -120,6 +130,7 @@ class Reader:
             try:
                 os.ftruncate(fd, fetch.size)
                 digest = await self._fetch_chunks(fetch, key, fd)
+                await trio.to_thread.run_sync(os.fsync, fd)  # on disk before the journal says cached
             finally:
                 os.close(fd)
             if expected and digest != expected:
@@ -129,16 +140,24 @@ class Reader:
                                  transient=False)
             self.ns.set_cached(fetch.ino, True)
             self.cache.used_bytes += fetch.size
-        except (StoreError, OSError, ExceptionGroup) as exc:  # a group: a chunk task failed
-            fetch.error = str(exc)
-            log.error("read of %s failed: %s", key, exc)
-            if fetch.ino in self.corrupt:
-                self._drop_bytes(path)  # keep the inode's data file, but never its wrong bytes
+        except (StoreError, OSError, ExceptionGroup, FsError, JournalError) as exc:  # a group: a chunk task failed
+            self._failed(fetch, path, f"read of {key} failed: {exc}")
+        except Exception as exc:  # a bug must not end the fetch nursery (and with it the mount)
+            log.exception("read of %s: unexpected error", key)
+            self._failed(fetch, path, f"read of {key} failed: internal error: {exc!r}")
         finally:
             for event in fetch.chunk_done:
                 event.set()
             fetch.finished.set()
             self.fetches.pop(fetch.ino, None)
+
+    def _failed(self, fetch: Fetch, path: str, message: str) -> None:
+        """Readers waiting on the fetch get EIO; its partial bytes go (they would fill the disk,
+        and a corrupt object's bytes are never kept)."""
+        fetch.error = message
+        self.errors += 1
+        log.error("%s", message)
+        self._drop_bytes(path)
 
     @staticmethod
     def _drop_bytes(path: str) -> None:
@@ -167,16 +186,13 @@ class Reader:
         start = index * CHUNK
         end = min(fetch.size, start + CHUNK)
         async with self.limiter:
-            for attempt in range(1, CHUNK_ATTEMPTS + 1):
-                try:
-                    data = await self.store.get_range(key, start, end) if end > start else b""
-                    break
-                except StoreError as exc:
-                    if not exc.transient or attempt == CHUNK_ATTEMPTS:
-                        fetch.error = str(exc)
-                        fetch.chunk_done[index].set()
-                        return
-                    await trio.sleep(0.2 * 2 ** attempt)
+            try:
+                data = await retrying(f"GET {key} at {start}", lambda: self.store.get_range(key, start, end),
+                                      attempts=CHUNK_ATTEMPTS, on_retry=self._count_retry) if end > start else b""
+            except StoreError as exc:
+                fetch.error = str(exc)
+                fetch.chunk_done[index].set()
+                return
             if len(data) != end - start:
                 fetch.error = f"short read of {key} at {start}: {len(data)} bytes"
             else:

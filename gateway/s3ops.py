@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 from typing import Any, Iterator
 
 from gateway.config import ConfigError, parse_s3_url, resolve
@@ -20,7 +21,8 @@ log = logging.getLogger(__name__)
 
 
 def add_endpoint_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--endpoint-url", help="S3 endpoint (default: config file, CKPTFS_ENDPOINT_URL, AWS)")
+    parser.add_argument("--endpoint-url", help="S3 endpoint (default: config file, CKPTFS_ENDPOINT_URL, "
+                        "AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, AWS)")
     parser.add_argument("--config", help="ckptfs TOML file to read endpoint_url/region from")
 
 
@@ -42,9 +44,12 @@ def split_url(url: str) -> tuple[str, str]:
 
 
 def client(endpoint_url: str | None, region: str | None = None) -> Any:
-    """A boto3 S3 client (path-style addressing for custom endpoints)."""
+    """A boto3 S3 client (path-style addressing for custom endpoints, also those set by
+    AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL)."""
     import boto3
     from botocore.config import Config as BotoConfig
+
+    endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
     style = {"addressing_style": "path"} if endpoint_url else {}
     cfg = BotoConfig(s3=style, retries={"mode": "standard", "max_attempts": 5}, connect_timeout=10)

@@ -11,12 +11,14 @@ full only of files still open for writing, nothing could make room, so the limit
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import time
 
 import trio
 
+from gateway import content
 from gateway.errors import FsError
 
 log = logging.getLogger(__name__)
@@ -35,14 +37,31 @@ class SpaceGuard:
         self.timeout_s = timeout_s
         self.reader = None  # set by the daemon: files being fetched are not evicted
         self.last_used: dict[int, float] = {}
+        self.pins: dict[int, int] = {}  # inode -> handlers awaiting its fetch: not evicted
         self.evictions = 0
         self.evicted_bytes = 0
         self.backpressure_s = 0.0
         self.backpressure_waits = 0
+        self.waiting = 0  # writers waiting for room now
         self.overflows = 0
 
     def touch(self, ino: int) -> None:
         self.last_used[ino] = time.monotonic()
+
+    @contextlib.contextmanager
+    def pinned(self, ino: int):
+        """Keep `ino` from eviction across an await (a fetch before the handle is taken)."""
+        self.pins[ino] = self.pins.get(ino, 0) + 1
+        try:
+            yield
+        finally:
+            left = self.pins.pop(ino) - 1
+            if left:
+                self.pins[ino] = left
+
+    def forget(self, ino: int) -> None:
+        """The inode was purged: its number is never used again, nor is its state here."""
+        self.last_used.pop(ino, None)
 
     async def reserve(self, nbytes: int) -> None:
         """Return once `nbytes` more fit under the cache size (or nothing could make room)."""
@@ -56,6 +75,7 @@ class SpaceGuard:
     async def _wait_for_room(self, nbytes: int) -> None:
         started = time.monotonic()
         self.backpressure_waits += 1
+        self.waiting += 1
         log.info("cache full (%d of %d bytes used): writer waits for the drain", self.cache.used_bytes,
                  self.limit_bytes)
         try:
@@ -71,6 +91,7 @@ class SpaceGuard:
                 await trio.sleep(POLL_S)
                 self.evict(self.low_bytes - nbytes)
         finally:
+            self.waiting -= 1
             self.backpressure_s += time.monotonic() - started
 
     def _drain_can_make_room(self) -> bool:
@@ -82,7 +103,7 @@ class SpaceGuard:
         rows = self.ns.journal.all(
             "SELECT id, size, atime_ns FROM inodes WHERE durable=1 AND cached=1 AND nlink>0 "
             "AND (mode & 61440) = 32768 AND content_dirty=0")
-        busy = set(self.ns.open) | set(self.reader.fetches if self.reader else ())
+        busy = set(self.ns.open) | set(self.pins) | set(self.reader.fetches if self.reader else ())
         rows = [r for r in rows if r[0] not in busy]
         rows.sort(key=lambda r: self.last_used.get(r[0], 0.0))  # never read since start: oldest
         return [(r[0], r[1]) for r in rows]
@@ -94,8 +115,7 @@ class SpaceGuard:
         for ino, size in self.evictable():
             if self.cache.used_bytes <= target_bytes:
                 break
-            self.cache.remove(ino)
-            self.ns.set_cached(ino, False)
+            content.evict(self.ns, self.cache, ino)
             self.last_used.pop(ino, None)
             self.evictions += 1
             self.evicted_bytes += size
@@ -108,5 +128,6 @@ class SpaceGuard:
             "evicted_bytes_total": self.evicted_bytes,
             "backpressure_seconds_total": round(self.backpressure_s, 3),
             "backpressure_waits_total": self.backpressure_waits,
+            "backpressure_writers_waiting": self.waiting,
             "cache_overflows_total": self.overflows,
         }

@@ -13,6 +13,13 @@ writes the files, then COMMIT (the save is then *locally committed*), then runs
 retention. Durability in the bucket is what the gateway reports for the step
 directory (`durability.is_durable`); without a gateway, locally committed is
 durable.
+
+Retention (`policies.plan_retention`, rank 0) deletes what the keep policy drops,
+except the newest durable checkpoint and anything newer; a dropped checkpoint older
+than the newest durable one goes even if it is not durable yet, so the gateway never
+uploads it. It runs after every local commit, when the newest durable checkpoint
+advances (a second thread polls the pending steps every `durability_poll_s`), and at
+`close()`.
 """
 
 from __future__ import annotations
@@ -37,8 +44,8 @@ import torch.distributed as dist
 from . import durability
 from .files import FileRecord, digest_file, fsync_dir, write_atomic
 from .formats import Format, RankContext, get_format
-from .policies import (CheckpointInfo, Continuous, KeepAll, KeepFn, KeepPolicy, SavePolicy,
-                       steps_to_delete)
+from .policies import (CheckpointInfo, Continuous, KeepAll, KeepFn, KeepPolicy, RetentionPlan,
+                       SavePolicy, plan_retention)
 from .snapshot import Snapshotter
 
 log = logging.getLogger(__name__)
@@ -70,6 +77,9 @@ class Statistics:
     mean_stall_s: float | None
     last_write_s: float | None
     snapshot_bytes: int
+    deleted: int = 0  # checkpoints retention deleted
+    superseded: int = 0  # of those, deleted before they were durable (never uploaded)
+    last_durable_step: int | None = None  # the newest durable step retention has seen
 
 
 @dataclasses.dataclass
@@ -86,7 +96,9 @@ class ContinuousCheckpointer:
     `save` decides when `maybe_save` saves (`Continuous()`, `FixedInterval(...)`),
     `keep` which committed checkpoints retention keeps (`LatestN(3) | EveryNSeconds(3600)`,
     any callable), `format` how they are written ("torch" or "dcp"). `probe`
-    tells whether a path is durable in the bucket (default: the gateway's xattr).
+    tells whether a path is durable in the bucket (default: the gateway's xattr);
+    while a committed checkpoint is not durable yet it is asked every
+    `durability_poll_s` seconds, so retention follows the drain.
     With torch.distributed initialized, every rank must create the checkpointer
     and call `maybe_save` at the same steps; each rank writes its own shard and
     rank 0 writes COMMIT and runs retention.
@@ -95,7 +107,7 @@ class ContinuousCheckpointer:
     def __init__(self, directory: str | os.PathLike, *, save: SavePolicy | None = None,
                  keep: KeepPolicy | KeepFn | None = None, format: str | Format = "torch",
                  probe: durability.DurabilityProbe | None = None, pin_memory: bool | None = None,
-                 weights_only: bool = True):
+                 weights_only: bool = True, durability_poll_s: float = 0.5):
         self.directory = os.path.abspath(directory)
         self._save_policy = save if save is not None else Continuous()
         self._keep = keep if keep is not None else KeepAll()
@@ -108,9 +120,16 @@ class ContinuousCheckpointer:
 
         self._cond = threading.Condition()
         self._job: _Job | None = None  # the save in flight, until its retention pass is done
-        self._error: tuple[int, BaseException] | None = None
+        self._error: tuple[str, BaseException] | None = None
         self._committed_here: set[int] = set()
         self._infos: dict[int, CheckpointInfo] = {}  # parsed COMMIT markers, by step
+        self._infos_lock = threading.Lock()
+        self._retain_lock = threading.Lock()  # one retention pass at a time
+        self._durable_seen: set[int] = set()  # durable stays durable: asked once per step
+        self._newest_durable: int | None = None
+        self._n_deleted = self._n_superseded = 0
+        self._poll_s = durability_poll_s
+        self._stopping = threading.Event()
         self._stalls: list[float] = []
         self._n_started = self._n_committed = self._n_failed = 0
         self._last_write_s: float | None = None
@@ -123,6 +142,10 @@ class ContinuousCheckpointer:
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=1)
         self._thread = threading.Thread(target=self._run, name="ckptfs-save", daemon=True)
         self._thread.start()
+        self._watcher = threading.Thread(target=self._watch_durability, name="ckptfs-retain",
+                                         daemon=True)
+        if self._rank == 0:
+            self._watcher.start()
         ref = weakref.ref(self)
         self._atexit = lambda: (c := ref()) is not None and c._close_quietly()
         atexit.register(self._atexit)
@@ -197,7 +220,7 @@ class ContinuousCheckpointer:
             except BaseException as exc:  # delivered to the training loop, never dropped
                 log.error("saving step %d failed: %r", job.step, exc)
                 with self._cond:
-                    self._error = (job.step, exc)
+                    self._error = (f"saving step {job.step}", exc)
                     self._n_failed += 1
             finally:
                 job.state = None
@@ -277,12 +300,13 @@ class ContinuousCheckpointer:
         }
         data = json.dumps(marker, indent=1).encode()
         write_atomic(os.path.join(step_dir, COMMIT_NAME), lambda f: f.write(data))
-        self._infos[job.step] = CheckpointInfo(job.step, job.time, job.metrics)
+        with self._infos_lock:
+            self._infos[job.step] = CheckpointInfo(job.step, job.time, job.metrics)
 
     # -------------------------------------------------------- retention
 
     def retain(self) -> None:
-        """Run a retention pass now (one also runs after every commit), e.g. once the last save is durable.
+        """Run a retention pass now (one also runs after every commit, on durability advance and at close).
 
         Waits for the save in flight first (call it from the thread that saves); only rank 0 deletes.
         """
@@ -290,39 +314,106 @@ class ContinuousCheckpointer:
         if self._rank == 0:
             self._retain()
 
-    def _retain(self) -> None:
+    def _retain(self) -> RetentionPlan:
         """Delete what the keep policy drops, never the newest durable checkpoint or anything newer.
 
-        Step directories without COMMIT that are older than the newest durable
-        checkpoint are leftovers of failed saves and go too.
+        A dropped checkpoint older than the newest durable one goes even if it is not durable yet
+        (superseded: the gateway cancels its upload). Step directories without COMMIT that are
+        older than the newest durable checkpoint are leftovers of failed saves and go too.
         """
-        infos, partial = self._scan()
-        doomed = steps_to_delete(infos, self._keep, self._durable_step)
-        for step in doomed:
-            self._delete(step)
-        if not partial:
-            return
-        newest_durable = next((i.step for i in reversed(infos)
-                               if i.step not in doomed and self._durable_step(i.step)), None)
-        for step in partial:
-            if newest_durable is not None and step < newest_durable:
+        with self._retain_lock:
+            infos, partial = self._scan()
+            plan = plan_retention(infos, self._keep, self._durable_step, partial)
+            for step in plan.delete:
+                self._delete(step, superseded=step in plan.superseded)
+            for step in plan.incomplete:
                 log.info("removing incomplete checkpoint %s", self.step_dir(step))
                 shutil.rmtree(self.step_dir(step))
+            with self._cond:
+                self._newest_durable = plan.newest_durable
+                self._n_deleted += len(plan.delete)
+                self._n_superseded += len(plan.superseded)
+            return plan
 
     def _durable_step(self, step: int) -> bool:
-        return self._probe(self.step_dir(step))
+        if step in self._durable_seen:
+            return True
+        durable = self._probe(self.step_dir(step))
+        if durable:
+            self._durable_seen.add(step)
+        return durable
 
-    def _delete(self, step: int) -> None:
-        """Unlink COMMIT first, so a half-deleted directory is never taken for a checkpoint."""
+    def _delete(self, step: int, superseded: bool = False) -> None:
+        """Unlink COMMIT first, so a half-deleted directory is never taken for a checkpoint.
+
+        The gateway deletes the bucket's objects in the order of the unlinks: the marker first there too.
+        """
         step_dir = self.step_dir(step)
-        log.info("retention: deleting checkpoint step %d", step)
+        log.info("retention: deleting checkpoint step %d%s", step,
+                 " (superseded before it was durable)" if superseded else "")
         os.unlink(os.path.join(step_dir, COMMIT_NAME))
         fsync_dir(step_dir)
         shutil.rmtree(step_dir)
-        self._infos.pop(step, None)
+        with self._infos_lock:
+            self._infos.pop(step, None)
+        self._durable_seen.discard(step)
+
+    # ------------------------------------------------- durability watch
+
+    def _watch_durability(self) -> None:
+        """The retention thread (rank 0): a retention pass whenever the newest durable step advances.
+
+        Asks the probe every `durability_poll_s` only while a checkpoint committed by this
+        checkpointer is not durable, and only for the steps newer than the newest durable one.
+        An error is delivered to the training loop like a failed save.
+        """
+        while not self._stopping.wait(self._poll_s):
+            try:
+                if self._durability_advanced():
+                    self._retain()
+            except Exception as exc:
+                log.error("retention after a durability change failed: %r", exc)
+                with self._cond:
+                    if self._error is None:
+                        self._error = ("retention", exc)
+
+    def _durability_advanced(self) -> bool:
+        """Whether a committed step newer than the newest durable one known is durable now."""
+        with self._cond:
+            if not self._committed_here:
+                return False  # a checkpointer that only restores never deletes
+            newest = self._newest_durable
+        with self._infos_lock:
+            steps = sorted(self._infos, reverse=True)
+        for step in steps:
+            if newest is not None and step <= newest:
+                return False
+            if os.path.isdir(self.step_dir(step)) and self._durable_step(step):
+                return True
+        return False
+
+    def _settle(self, timeout: float) -> None:
+        """At close: wait up to `timeout` s for the newest checkpoint to be durable, retaining as it advances."""
+        deadline = time.monotonic() + timeout
+        while True:
+            plan = self._retain()
+            latest = self.latest_step()
+            if latest is None or plan.newest_durable == latest:
+                return
+            if time.monotonic() >= deadline:
+                if timeout > 0:
+                    log.warning("step %d was not durable %.0f s after close; the bucket keeps step %s "
+                                "until a later retention pass", latest, timeout, plan.newest_durable)
+                return
+            while time.monotonic() < deadline and not self._durability_advanced():
+                time.sleep(max(0.0, min(self._poll_s, deadline - time.monotonic())))
 
     def _scan(self) -> tuple[list[CheckpointInfo], list[int]]:
         """(committed checkpoints oldest first, steps of directories without a readable COMMIT)."""
+        with self._infos_lock:
+            return self._scan_locked()
+
+    def _scan_locked(self) -> tuple[list[CheckpointInfo], list[int]]:
         committed, partial = [], []
         steps = set()
         for name in os.listdir(self.directory):
@@ -450,7 +541,9 @@ class ContinuousCheckpointer:
                 last_stall_s=self._stalls[-1] if self._stalls else None,
                 mean_stall_s=stats_lib.fmean(self._stalls) if self._stalls else None,
                 last_write_s=self._last_write_s,
-                snapshot_bytes=self._snapshotter.last_bytes)
+                snapshot_bytes=self._snapshotter.last_bytes,
+                deleted=self._n_deleted, superseded=self._n_superseded,
+                last_durable_step=self._newest_durable)
 
     # ------------------------------------------------------- restoring
 
@@ -508,13 +601,28 @@ class ContinuousCheckpointer:
 
     # ---------------------------------------------------------- closing
 
-    def close(self) -> None:
-        """Wait for the save in flight, stop the worker, raise its error if it failed."""
+    def close(self, durable_timeout: float = 0.0) -> None:
+        """Wait for the save in flight, stop the worker, run a last retention pass; raise any error.
+
+        With `durable_timeout` > 0, first wait up to that many seconds for the newest checkpoint
+        to become durable (retention follows as durability advances): the bucket then ends with
+        exactly what the keep policy keeps once the drain settles. Without the wait, the newest
+        durable checkpoint the keep policy drops stays until a later run's retention. A failed
+        last pass is logged, not raised (it loses nothing).
+        """
         if not self._closed:
             self._closed = True
             self._queue.put(None)
             self._thread.join()
+            self._stopping.set()
+            if self._watcher.is_alive():
+                self._watcher.join()
             atexit.unregister(self._atexit)
+            if self._rank == 0 and self._committed_here and self._error is None:
+                try:
+                    self._settle(durable_timeout)
+                except Exception as exc:  # nothing is lost: the next run's retention deletes it
+                    log.error("retention at close failed: %r", exc)
         self._raise_pending()
 
     def _close_quietly(self) -> None:
@@ -540,9 +648,9 @@ class ContinuousCheckpointer:
 
     def _raise_pending_locked(self) -> None:
         if self._error is not None:
-            step, exc = self._error
+            what, exc = self._error
             self._error = None
-            raise CheckpointError(f"saving step {step} failed: {exc!r}") from exc
+            raise CheckpointError(f"{what} failed: {exc!r}") from exc
 
 
 # ------------------------------------------------------------------ helpers

@@ -27,7 +27,7 @@ import torch
 import xxhash
 
 from .checkpointer import ContinuousCheckpointer
-from .durability import gateway_status
+from .durability import gateway_status, is_durable
 from .policies import Continuous, LatestN
 
 log = logging.getLogger(__name__)
@@ -114,16 +114,56 @@ def _view(info: dict):
     return table
 
 
+class LossSampler:
+    """Every 0.25 s after a warm-up: steps a node loss and a process restart would cost right now.
+
+    A node loss restarts from the newest checkpoint durable in the bucket, a process restart
+    from the newest locally committed one; with none yet, from where the phase began.
+    """
+
+    def __init__(self, first_step: int, warmup_s: float, interval_s: float = 0.25):
+        self.first_step, self.interval_s = first_step, interval_s
+        self.start_after = time.monotonic() + warmup_s
+        self.next_at = self.start_after
+        self.node: list[int] = []
+        self.restart: list[int] = []
+
+    def due(self) -> bool:
+        return time.monotonic() >= self.next_at
+
+    def add(self, step: int, durable: int | None, local: int | None) -> None:
+        self.next_at = time.monotonic() + self.interval_s
+        self.node.append(step - (self.first_step if durable is None else durable))
+        self.restart.append(step - (self.first_step if local is None else local))
+
+    def mean_node(self) -> float | None:
+        return statistics.fmean(self.node) if self.node else None
+
+    def mean_restart(self) -> float | None:
+        return statistics.fmean(self.restart) if self.restart else None
+
+
 def run_demo(ckpt_root: str, *, seconds: float = 60, state_mb: int = 256, live: bool = True,
              batch: int = 32, keep: Any = None, sync_probes: int = 2,
-             wait_durable_s: float = 0.0) -> dict:
+             wait_durable_s: float = 0.0, baseline: Any = None, baseline_seconds: float = 0.0,
+             warmup_s: float = 5.0) -> dict:
     """Train for about `seconds` with continuous checkpointing into `ckpt_root`; return a summary.
 
     Summary keys: checkpoints_saved, steps, p50_interval_steps, mean_stall_s,
     sync_torch_save_stall_s (same state, same run), last_local_step,
     last_durable_step, final_step and final_state_digest (the final state is
     saved with a blocking save at the end), all_durable (only if
-    `wait_durable_s` > 0: whether the final step became durable in that time).
+    `wait_durable_s` > 0: whether the final step became durable in that time; the
+    checkpointer's close then waits as long for it, so that retention leaves what
+    `keep` keeps), node_loss_steps and restart_loss_steps (means of the steps a node
+    loss / a process restart would have cost, sampled every 0.25 s after `warmup_s`, at most a
+    third of the phase),
+    drain_after_training_s (with `wait_durable_s`: until the whole directory was durable).
+
+    `baseline`, if given, is an upload-acknowledged saver (`maybe_save(step, state, loss)`,
+    `latest()`, `close()`, e.g. benchmarks.bench_interval.UploadCheckpointer): after the
+    checkpoint directory is durable, training goes on for `baseline_seconds` saving only
+    through it, and baseline_node_loss_steps is measured the same way.
     """
     from rich.console import Console
     from rich.live import Live
@@ -148,6 +188,7 @@ def run_demo(ckpt_root: str, *, seconds: float = 60, state_mb: int = 256, live: 
     stalls: list[float] = []
     durable_step = None
     view = {"last": 0.0}
+    losses = LossSampler(0, min(warmup_s, seconds / 3))
 
     def info() -> dict:
         st = ckpt.statistics()
@@ -158,6 +199,7 @@ def run_demo(ckpt_root: str, *, seconds: float = 60, state_mb: int = 256, live: 
             "checkpoints started": str(st.saves_started),
             "last locally committed step": str(st.last_local_step),
             "last durable step": str(durable_step),
+            "superseded (never uploaded)": str(st.superseded),
             "mean stall per save": f"{1e3 * st.mean_stall_s:.1f} ms" if st.mean_stall_s else "-",
             "dirty bytes": _fmt_bytes(status.get("dirty_bytes")),
             "drain rate": _fmt_bytes(rate) + "/s" if rate is not None else "-",
@@ -175,6 +217,9 @@ def run_demo(ckpt_root: str, *, seconds: float = 60, state_mb: int = 256, live: 
             if ckpt.maybe_save(step, _state(model, opt, step), metrics={"loss": loss}):
                 stalls.append(time.perf_counter() - t0)
                 saved_steps.append(step)
+            if losses.due():
+                durable_step = ckpt.latest_durable_step()
+                losses.add(step, durable_step, ckpt.statistics().last_local_step)
             if time.monotonic() - view["last"] > 0.25:
                 view["last"] = time.monotonic()
                 durable_step = ckpt.latest_durable_step()
@@ -187,7 +232,8 @@ def run_demo(ckpt_root: str, *, seconds: float = 60, state_mb: int = 256, live: 
             ckpt.save(step, state, metrics={"loss": loss})
         final_digest = state_digest(state)
         sync_stalls = [_sync_save_stall(state, ckpt.directory) for _ in range(sync_probes)]
-        all_durable = None
+        all_durable = drain_s = None
+        t_end = time.monotonic()
         if wait_durable_s > 0:
             try:
                 ckpt.wait_durable(step, timeout=wait_durable_s)
@@ -197,7 +243,9 @@ def run_demo(ckpt_root: str, *, seconds: float = 60, state_mb: int = 256, live: 
         durable_step = ckpt.latest_durable_step()
         if lv is not None:
             lv.update(_view(info()))
-    ckpt.close()
+    ckpt.close(durable_timeout=wait_durable_s)
+    if wait_durable_s > 0 and _wait_dir_durable(ckpt_root, max(1.0, wait_durable_s - (time.monotonic() - t_end))):
+        drain_s = time.monotonic() - t_end
 
     st = ckpt.statistics()
     intervals = [b - a for a, b in zip(saved_steps, saved_steps[1:])]
@@ -214,9 +262,49 @@ def run_demo(ckpt_root: str, *, seconds: float = 60, state_mb: int = 256, live: 
         "final_step": step,
         "final_state_digest": final_digest,
         "all_durable": all_durable,
+        "superseded": st.superseded,
+        "node_loss_steps": losses.mean_node(),
+        "restart_loss_steps": losses.mean_restart(),
+        "drain_after_training_s": None if drain_s is None else round(drain_s, 2),
     }
+    if baseline is not None and baseline_seconds > 0:
+        summary.update(_run_baseline(baseline, baseline_seconds, warmup_s, step, train_step,
+                                     lambda s: _state(model, opt, s), console if live else None))
     log.info("demo summary: %s", summary)
     return summary
+
+
+def _wait_dir_durable(path: str, timeout: float) -> bool:
+    """Whether everything under `path` became durable within `timeout` s (the gateway's directory state)."""
+    deadline = time.monotonic() + timeout
+    while not is_durable(path):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _run_baseline(baseline: Any, seconds: float, warmup_s: float, step: int, train_step, state_of,
+                  console) -> dict:
+    """Go on training for `seconds`, saving only through the upload-acknowledged `baseline`."""
+    if console is not None:
+        console.print(f"[bold]for comparison: {seconds:.0f} s of upload-acknowledged saving "
+                      "(snapshot, torch.save, boto3 upload; the next save after the upload)")
+    losses = LossSampler(step, min(warmup_s, seconds / 3))
+    saves = 0
+    t_start = time.monotonic()
+    try:
+        while time.monotonic() - t_start < seconds:
+            step += 1
+            loss = train_step()
+            saves += bool(baseline.maybe_save(step, state_of(step), loss))
+            if losses.due():
+                newest = baseline.latest()
+                losses.add(step, newest, newest)
+    finally:
+        baseline.close()
+    return {"baseline_seconds": seconds, "baseline_saves": saves,
+            "baseline_node_loss_steps": losses.mean_node()}
 
 
 def tensors_of(obj: Any):

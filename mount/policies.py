@@ -8,6 +8,10 @@ steps they keep. `a | b` keeps what either keeps; any callable taking the list
 of `CheckpointInfo` and returning the steps to keep is a policy too. The
 checkpointer adds the safety rule on top (`protected_steps`): the newest durable
 checkpoint and everything newer are never deleted, whatever the policies say.
+`plan_retention` is the whole decision of one pass, a pure function of the
+checkpoints, the policy and the durable flags: what the policy drops below the
+newest durable checkpoint is deleted, durable or not, so that a superseded
+checkpoint is deleted locally before the drain uploads it.
 """
 
 from __future__ import annotations
@@ -206,22 +210,59 @@ class BestN(KeepPolicy):
         return {i.step for i in scored[: self.n]}
 
 
+def newest_durable_step(infos: Sequence[CheckpointInfo], durable: Callable[[int], bool]) -> int | None:
+    """The newest durable step of `infos`; `durable` is asked newest first, down to the first yes."""
+    return next((i.step for i in reversed(infos) if durable(i.step)), None)
+
+
 def protected_steps(infos: Sequence[CheckpointInfo], durable: Callable[[int], bool]) -> set[int]:
     """The steps retention must never delete: the newest durable one and all newer.
 
-    `durable(step)` is asked from the newest step down and stops at the first
-    durable one. With no durable checkpoint at all, everything is protected.
+    With no durable checkpoint at all, everything is protected.
     """
-    protected: set[int] = set()
-    for info in reversed(infos):
-        protected.add(info.step)
-        if durable(info.step):
-            break
-    return protected
+    newest = newest_durable_step(infos, durable)
+    return {i.step for i in infos if newest is None or i.step >= newest}
+
+
+@dataclasses.dataclass(frozen=True)
+class RetentionPlan:
+    """What one retention pass does (`plan_retention`); every tuple is oldest first.
+
+    `delete` are the committed checkpoints to delete: durable ones leave the bucket,
+    `superseded` ones (not yet durable) are deleted before they ever reach it (the gateway
+    cancels their uploads). `incomplete` are step directories without a commit marker that
+    are older than the newest durable checkpoint. `owed` are the kept checkpoints not yet
+    durable: the drain still uploads them, also those older than a durable one.
+    """
+
+    newest_durable: int | None
+    delete: tuple[int, ...] = ()
+    superseded: tuple[int, ...] = ()
+    incomplete: tuple[int, ...] = ()
+    owed: tuple[int, ...] = ()
+
+
+def plan_retention(infos: Sequence[CheckpointInfo], keep: KeepPolicy | KeepFn,
+                   durable: Callable[[int], bool], incomplete: Iterable[int] = ()) -> RetentionPlan:
+    """Decide one retention pass over the committed checkpoints `infos` (oldest first).
+
+    The rule: delete what `keep` drops, except the newest durable checkpoint and anything
+    newer (`protected_steps`). A checkpoint older than the newest durable one that `keep`
+    drops goes whether or not it is durable yet, so a superseded checkpoint is never
+    uploaded; one that `keep` keeps stays and is uploaded. `durable(step)` answers for a
+    committed step; it is asked newest first down to the first durable step, then for the
+    steps to delete. `incomplete` are the steps of directories without a commit marker.
+    """
+    newest = newest_durable_step(infos, durable)
+    kept = set(keep(infos)) | {i.step for i in infos if newest is None or i.step >= newest}
+    delete = tuple(i.step for i in infos if i.step not in kept)
+    superseded = tuple(s for s in delete if not durable(s))
+    owed = tuple(i.step for i in infos if i.step in kept and not durable(i.step))
+    stale = tuple(sorted(s for s in incomplete if newest is not None and s < newest))
+    return RetentionPlan(newest, delete, superseded, stale, owed)
 
 
 def steps_to_delete(infos: Sequence[CheckpointInfo], keep: KeepPolicy | KeepFn,
                     durable: Callable[[int], bool]) -> list[int]:
     """The steps of `infos` that neither `keep` nor the safety rule keeps, oldest first."""
-    kept = set(keep(infos)) | protected_steps(infos, durable)
-    return [i.step for i in infos if i.step not in kept]
+    return list(plan_retention(infos, keep, durable).delete)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -66,9 +67,9 @@ class Mount:
     def url(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
 
-    def start(self, *extra: str) -> "Mount":
+    def start(self, *extra: str, env: dict | None = None) -> "Mount":
         ckptfs_cli("mount", self.url, str(self.path), "--cache-dir", str(self.cache_dir),
-                   "--endpoint-url", self.endpoint_url, *self.options, *extra)
+                   "--endpoint-url", self.endpoint_url, *self.options, *extra, env=env)
         self.pid = self.status()["pid"]
         return self
 
@@ -89,6 +90,12 @@ class Mount:
         """kill -9 the daemon and clear the dead mount, as an operator would."""
         os.kill(self.pid, signal.SIGKILL)
         _wait_gone(self.pid)
+        subprocess.run(["fusermount3", "-u", str(self.path)], capture_output=True)
+        self.pid = None
+
+    def died(self, timeout: float = 10) -> None:
+        """The daemon ended by itself (a test crash point): wait for it and clear the dead mount."""
+        _wait_gone(self.pid, timeout)
         subprocess.run(["fusermount3", "-u", str(self.path)], capture_output=True)
         self.pid = None
 
@@ -153,9 +160,40 @@ def bucket(s3_server) -> str:
     return s3_server.make_bucket(f"ckptfs-test-{os.getpid()}-{next(_bucket_numbers)}")
 
 
+TRACEBACK = "Traceback (most recent call last)"
+
+
+def unexpected_tracebacks(log_text: str, expected: tuple[str, ...]) -> list[str]:
+    """Traceback blocks of a daemon log (each from its header to the next log line) that match
+    none of the `expected` regular expressions."""
+    blocks = []
+    for part in log_text.split(TRACEBACK)[1:]:
+        lines = part.splitlines()[1:]
+        body = [line for line in itertools.takewhile(lambda ln: not re.match(r"\d{4}-\d\d-\d\d ", ln), lines)]
+        blocks.append(TRACEBACK + "\n" + "\n".join(body))
+    return [b for b in blocks if not any(re.search(pattern, b) for pattern in expected)]
+
+
+def check_daemon_logs(request, mounts: list["Mount"]) -> None:
+    """Fail the test if a daemon it started logged a traceback it did not declare with
+    @pytest.mark.expected_tracebacks("regex", ...)."""
+    marker = request.node.get_closest_marker("expected_tracebacks")
+    expected = tuple(marker.args) if marker else ()
+    problems = []
+    for mount in mounts:
+        log_path = Path(mount.cache_dir) / "ckptfs.log"
+        if log_path.exists():
+            problems += [f"{log_path}:\n{b}" for b in unexpected_tracebacks(log_path.read_text(errors="replace"),
+                                                                          expected)]
+    if problems:
+        pytest.fail("daemon log has tracebacks nobody expected:\n" + "\n\n".join(problems[:3]), pytrace=False)
+
+
 @pytest.fixture
-def make_mount(tmp_path, s3_server, bucket):
-    """Factory: make_mount(name='m', prefix='run', options=(...)) -> started Mount."""
+def make_mount(request, tmp_path, s3_server, bucket):
+    """Factory: make_mount(name='m', prefix='run', options=(...)) -> started Mount.
+
+    At teardown every mount is cleaned up and its daemon log checked for unexpected tracebacks."""
     mounts: list[Mount] = []
 
     def factory(name: str = "m", prefix: str = "run", *, options: tuple[str, ...] = ("--drain-delay", "0.2"),
@@ -169,6 +207,7 @@ def make_mount(tmp_path, s3_server, bucket):
     yield factory
     for mount in mounts:
         mount.cleanup()
+    check_daemon_logs(request, mounts)
 
 
 @pytest.fixture

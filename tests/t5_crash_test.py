@@ -57,7 +57,7 @@ def run_trials(make_mount, tmp_path: Path, trials: int, seed: int) -> None:
         writer.wait(timeout=30)
         mount.start()
         checked.append((mount.path / f"trial{trial:03d}", log))
-        assert check_trial(*checked[-1]) >= 0
+        check_trial(*checked[-1])  # asserts inside; the count is summed below
     total = sum(check_trial(root, log) for root, log in checked)  # earlier crashes lost nothing either
     assert total > 0, "the writer never got an fsync acknowledged: the test checked nothing"
     mount.wait(timeout=240)

@@ -27,3 +27,22 @@ def test_state_digest_sees_every_bit():
     before = state_digest(sd)
     next(iter(sd.values())).view(-1)[0].add_(1e-7)
     assert state_digest(sd) != before
+
+
+def test_make_demo_bucket_holds_what_latest_3_keeps(tmp_path):
+    """`make demo` end to end, short: the bucket ends with the 3 checkpoints LatestN(3) keeps."""
+    import json
+
+    from scripts.demo import main
+
+    out = tmp_path / "summary.json"
+    rc = main(["--seconds", "15", "--compare-seconds", "5", "--state-mb", "16", "--no-live",
+               "--json", str(out)])
+    s = json.loads(out.read_text())
+    assert s["checkpoints_saved"] > 3, "retention must have had something to drop"
+    assert s["local_steps"] == s["bucket_steps"] and len(s["bucket_steps"]) == 3, s
+    assert s["bucket_steps"][-1] == s["final_step"] == s["restored_step_on_fresh_node"]
+    assert s["restored_bit_for_bit"]
+    assert s["node_loss_steps"] is not None and s["restart_loss_steps"] is not None
+    assert s["baseline_saves"] >= 1 and s["baseline_node_loss_steps"] is not None
+    assert rc == 0

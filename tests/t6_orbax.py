@@ -101,3 +101,45 @@ def test_maxtext_knobs(tmp_path):
         continuous_checkpoint_manager(tmp_path / "d", max_to_keep=2, max_num_checkpoints_to_keep=3)
     with pytest.raises(ValueError):
         continuous_checkpoint_manager(tmp_path / "e", max_to_keep=2, keep_policy=keep)
+
+
+def test_retention_follows_durability_between_saves_and_at_close(tmp_path):
+    durable: set[int] = set()
+    probe = lambda path: int(os.path.basename(path)) in durable  # noqa: E731
+    mngr = continuous_checkpoint_manager(tmp_path, max_to_keep=2, probe=probe, durability_poll_s=0)
+    for step in range(5):
+        assert mngr.save(step, args=ocp.args.StandardSave(tree(step)))
+        mngr.wait_until_finished()
+    assert steps_on_disk(tmp_path) == [0, 1, 2, 3, 4]  # nothing durable: all kept
+    durable.add(4)  # the drain went for the newest first
+    assert mngr.save(5, args=ocp.args.StandardSave(tree(5)))  # first a pass: 4 is durable now
+    mngr.wait_until_finished()
+    assert steps_on_disk(tmp_path) == [4, 5]  # 0-2 superseded (never durable), 3 dropped by Orbax's pass
+    assert mngr.save(6, args=ocp.args.StandardSave(tree(6)))
+    mngr.wait_until_finished()
+    assert steps_on_disk(tmp_path) == [4, 5, 6]  # 4 is still the newest durable one
+    durable.update({5, 6})
+    mngr.close()  # the last pass leaves exactly what LatestN(2) keeps
+    assert steps_on_disk(tmp_path) == [5, 6]
+
+
+def test_the_commit_marker_is_unlinked_before_the_step_is_deleted(tmp_path):
+    from mount.orbax_shim import MarkerFirstDeleter
+
+    seen = []
+
+    class Inner:
+        def delete(self, step):
+            seen.append((step, (tmp_path / str(step) / "commit_success.txt").exists()))
+
+        def delete_steps(self, steps):
+            for step in steps:
+                self.delete(step)
+
+    for step in (1, 2):
+        (tmp_path / str(step)).mkdir()
+        (tmp_path / str(step) / "commit_success.txt").write_text("ok")
+    deleter = MarkerFirstDeleter(Inner(), str(tmp_path), str)
+    deleter.delete(1)
+    deleter.delete_steps([2])
+    assert seen == [(1, False), (2, False)]

@@ -620,7 +620,7 @@ def test_operations_md_runbooks_use_real_commands():
     doc = (ROOT / "docs" / "OPERATIONS.md").read_text()
     for heading in ("Node lost before upload", "Cache disk full", "Endpoint down", "Gateway crash"):
         assert re.search(rf"^#+ .*{heading}", doc, re.M | re.I), heading
-    known = {"mount", "unmount", "status", "wait", "verify", "lifecycle", "promote", "config"}
+    known = {"mount", "unmount", "status", "wait", "verify", "lifecycle", "promote", "config", "checkpoints"}
     code = "\n".join(re.findall(r"```.*?```", doc, re.S) + re.findall(r"`[^`\n]+`", doc))
     used = set(re.findall(r"(?<![\w.-])ckptfs ([a-z-]+)", code))
     assert known - {"config"} <= used <= known, (used - known, known - used)

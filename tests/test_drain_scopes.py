@@ -8,6 +8,7 @@ import shutil
 import time
 
 from tests.bucket_watch import BucketWatcher
+from tests.conftest import ckptfs_cli
 from tests.t4_drain_test import write_file
 from tests.t5_faults_test import assert_bucket_matches_mount, open_uploads, proxy, wait_until  # noqa: F401
 
@@ -54,6 +55,9 @@ def test_pending_checkpoint_deleted_locally_never_reaches_the_bucket(proxy, make
         write_file(m.path / "step_1" / "shard", os.urandom(24 * MiB), fsync=False)
         write_file(m.path / "step_1" / "COMMIT", b"{}", fsync=False)
         wait_until(lambda: open_uploads(m) and proxy.stats["bytes_up"] > MiB, 30, "parts of step_1 in flight")
+        waits = m.status()["commit_waits"]
+        assert [(w["marker"], w["waiting_for_local_files"]) for w in waits] == [("step_1/COMMIT", 1)]
+        assert "step_1/COMMIT: 1 local files first" in ckptfs_cli("status", str(m.path)).stdout
         shutil.rmtree(m.path / "step_1")
         wait_until(lambda: not open_uploads(m), 20, "the aborted multipart upload to disappear")
         proxy.set_bandwidth(None)

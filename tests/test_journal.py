@@ -1,0 +1,169 @@
+"""Unit tier (no mount): the journal's crash rules, inode numbering and start-up repair."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+
+import pytest
+
+from gateway import content
+from gateway.cache import CacheFiles
+from gateway.errors import JournalError
+from gateway.journal import SCHEMA_VERSION, Journal
+from gateway.namespace import ROOT_INODE, Namespace
+
+FILE = stat.S_IFREG | 0o644
+
+
+@pytest.fixture
+def parts(tmp_path):
+    journal = Journal(tmp_path / "journal.db")
+    cache = CacheFiles(tmp_path)
+    ns = Namespace(journal, uid=os.getuid(), gid=os.getgid(), on_purge=cache.remove)
+    yield journal, ns, cache
+    journal.close()
+
+
+def test_failed_commit_is_rolled_back(parts):
+    journal, _, _ = parts
+    journal.execute("PRAGMA foreign_keys=ON")
+    journal.execute("CREATE TABLE parent_t (id INTEGER PRIMARY KEY)")
+    journal.execute("CREATE TABLE child_t (p INTEGER REFERENCES parent_t(id) DEFERRABLE INITIALLY DEFERRED)")
+    with pytest.raises(sqlite3.IntegrityError):
+        with journal.transaction():
+            journal.execute("INSERT INTO child_t VALUES (42)")  # checked only at COMMIT
+    assert not journal.conn.in_transaction, "a failed COMMIT left the transaction open"
+    with journal.transaction():  # the next transaction starts cleanly and commits alone
+        journal.execute("INSERT INTO parent_t VALUES (1)")
+    assert journal.all("SELECT p FROM child_t") == []
+    assert journal.all("SELECT id FROM parent_t") == [(1,)]
+
+
+def test_rename_that_fails_in_the_journal_keeps_the_old_path(parts):
+    journal, ns, _ = parts
+    d = ns.create(ROOT_INODE, b"d", stat.S_IFDIR | 0o755, 0, 0)
+    f = ns.create(d.id, b"a", FILE, 0, 0)
+    # the last statement of the rename fails, as a full disk would make it
+    journal.execute(f"CREATE TEMP TRIGGER no_move BEFORE UPDATE OF changed_gen ON inodes WHEN NEW.id = {f.id} "
+                    "BEGIN SELECT RAISE(ABORT, 'injected failure'); END")
+    with pytest.raises(sqlite3.IntegrityError):
+        ns.rename(d.id, b"a", ROOT_INODE, b"b", 0)
+    assert ns.path_of(f.id) == "d/a", "in-memory paths changed although the journal rolled back"
+    assert ns.child_id(d.id, b"a") == f.id and ns.child_id(ROOT_INODE, b"b") is None
+
+
+def test_exchange_that_fails_in_the_journal_keeps_both_paths(parts):
+    journal, ns, _ = parts
+    a = ns.create(ROOT_INODE, b"a", FILE, 0, 0)
+    b = ns.create(ROOT_INODE, b"b", FILE, 0, 0)
+    journal.execute(f"CREATE TEMP TRIGGER no_move BEFORE UPDATE OF changed_gen ON inodes WHEN NEW.id = {b.id} "
+                    "BEGIN SELECT RAISE(ABORT, 'injected failure'); END")
+    with pytest.raises(sqlite3.IntegrityError):
+        ns.rename(ROOT_INODE, b"a", ROOT_INODE, b"b", 2)  # RENAME_EXCHANGE
+    assert (ns.path_of(a.id), ns.path_of(b.id)) == ("a", "b")
+
+
+def test_inode_numbers_are_never_reused(parts):
+    _, ns, _ = parts
+    first = ns.create(ROOT_INODE, b"x", FILE, 0, 0).id
+    ns.unlink(ROOT_INODE, b"x")  # no lookups or handles: purged at once
+    assert ns.journal.one("SELECT 1 FROM inodes WHERE id=?", (first,)) is None
+    second = ns.create(ROOT_INODE, b"y", FILE, 0, 0).id
+    assert second > first, f"inode {first} was given out again"
+
+
+def test_purge_drops_per_inode_state(parts):
+    _, ns, _ = parts
+    ino = ns.create(ROOT_INODE, b"x", FILE, 0, 0).id
+    forgotten = []
+    ns.purge_listeners.append(forgotten.append)
+    ns.written_digests[ino] = ("00", 0)
+    ns.unlink(ROOT_INODE, b"x")
+    assert forgotten == [ino] and ino not in ns.written_digests
+
+
+V1_INODES = """CREATE TABLE inodes (
+    id INTEGER PRIMARY KEY, mode INTEGER NOT NULL, uid INTEGER NOT NULL, gid INTEGER NOT NULL,
+    size INTEGER NOT NULL DEFAULT 0, atime_ns INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL, rdev INTEGER NOT NULL DEFAULT 0, target BLOB, nlink INTEGER NOT NULL,
+    content_dirty INTEGER NOT NULL DEFAULT 1, durable INTEGER NOT NULL DEFAULT 0, ready_seq INTEGER,
+    changed_gen INTEGER NOT NULL DEFAULT 0, changed_at REAL NOT NULL DEFAULT 0, digest TEXT,
+    cached INTEGER NOT NULL DEFAULT 1)"""
+
+
+def test_schema_1_cache_dir_is_migrated(tmp_path):
+    path = tmp_path / "journal.db"
+    conn = sqlite3.connect(path)
+    conn.execute(V1_INODES)
+    conn.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value)")
+    conn.execute("INSERT INTO meta VALUES ('schema_version', 1)")
+    conn.execute("INSERT INTO inodes (id, mode, uid, gid, atime_ns, mtime_ns, ctime_ns, nlink) "
+                 "VALUES (1, ?, 0, 0, 1, 1, 1, 2), (7, ?, 0, 0, 1, 1, 1, 1)", (stat.S_IFDIR | 0o755, FILE))
+    conn.commit()
+    conn.close()
+    os.chmod(path, 0o644)
+    journal = Journal(path)
+    assert int(journal.get_meta("schema_version")) == SCHEMA_VERSION
+    assert [r[0] for r in journal.all("SELECT id FROM inodes ORDER BY id")] == [1, 7]
+    assert "AUTOINCREMENT" in journal.one("SELECT sql FROM sqlite_master WHERE name='inodes'")[0]
+    cur = journal.execute("INSERT INTO inodes (mode, uid, gid, atime_ns, mtime_ns, ctime_ns, nlink) "
+                          "VALUES (?, 0, 0, 1, 1, 1, 1)", (FILE,))
+    assert cur.lastrowid == 8
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    journal.close()
+
+
+def test_journal_write_failure_is_reported_once_as_journal_error(parts):
+    journal, ns, _ = parts
+    journal.execute("PRAGMA max_page_count=" + str(journal.one("PRAGMA page_count")[0]))
+    with pytest.raises(JournalError):
+        for i in range(10000):
+            ns.create(ROOT_INODE, b"n%05d" % i + b"x" * 200, FILE, 0, 0)
+    assert journal.failed and "full" in journal.failed
+    assert not journal.conn.in_transaction
+    assert ns.getattr(ROOT_INODE).is_dir  # reads go on
+
+
+def test_start_repairs_rows_that_disagree_with_their_data_file(parts):
+    journal, ns, cache = parts
+    in_bucket = ns.create(ROOT_INODE, b"in_bucket", FILE, 0, 0).id
+    local_only = ns.create(ROOT_INODE, b"local_only", FILE, 0, 0).id
+    emptied = ns.create(ROOT_INODE, b"emptied", FILE, 0, 0).id
+    for ino in (in_bucket, local_only):
+        cache.truncate(ino, 1000)
+        journal.execute("UPDATE inodes SET size=1000, content_dirty=0, durable=1, ready_seq=1 WHERE id=?", (ino,))
+    journal.execute("INSERT INTO objects (key, inode, size) VALUES ('in_bucket', ?, 1000)", (in_bucket,))
+    cache.remove(in_bucket)              # e.g. evicted by an old daemon before the journal knew
+    cache.truncate(local_only, 10)       # e.g. truncated before the journal knew
+    journal.execute("UPDATE inodes SET size=500, cached=0, content_dirty=1 WHERE id=?", (emptied,))
+    cache.remove(emptied)                # open(O_TRUNC) journaled, data file not yet made
+    summary = content.check_data_files(ns, cache)
+    assert summary == {"sizes_repaired": 1, "made_uncached": 1, "republished": 1}
+    a = ns.getattr(in_bucket)
+    assert not a.cached and a.size == 1000 and a.durable, "a file the bucket holds must be fetched, not served short"
+    b = ns.getattr(local_only)
+    assert b.cached and b.size == 10 and b.content_dirty and not b.durable
+    c = ns.getattr(emptied)
+    assert c.cached and c.size == 0 and cache.size_of(emptied) == 0
+
+
+def test_rewrite_of_a_clean_file_makes_its_intent_durable_before_the_data(parts):
+    journal, ns, cache = parts
+    ino = ns.create(ROOT_INODE, b"f", FILE, 0, 0).id
+    cache.acquire(ino)
+    syncs = []
+    journal.sync_wal = lambda: syncs.append((cache.read(ino, 0, 3), ns.getattr(ino).content_dirty))
+    ns.opened(ino, True)
+    content.write(ns, cache, ino, 0, b"old")
+    ns.closed(ino, True)
+    assert syncs == [], "a new file's first write needs no extra fsync"
+    journal.execute("UPDATE inodes SET content_dirty=0, durable=1 WHERE id=?", (ino,))  # published
+    ns.opened(ino, True)
+    content.write(ns, cache, ino, 0, b"new")
+    content.write(ns, cache, ino, 3, b"more")
+    ns.closed(ino, True)
+    assert syncs == [(b"old", 1)], "the dirty mark must be durable before the first new byte, and only once"
+    assert cache.read(ino, 0, 7) == b"newmore"
+    cache.release(ino)
