@@ -32,6 +32,7 @@ from gateway.journal import Journal
 from gateway.listing import BucketListing
 from gateway.namespace import Namespace
 from gateway.reader import Reader
+from gateway.remote_ns import forget_kernel_entry
 from gateway.retry import retrying
 from gateway.space import SpaceGuard
 from gateway.store import Store
@@ -114,7 +115,7 @@ async def _serve_locked(config: Config, journal: Journal, on_ready: Callable[[],
                      max_connections=config.upload_concurrency + 8) as store:
         await _at_mount(f"cannot use s3://{config.bucket}", store.check_bucket, timeout_s=30)
         listing = BucketListing(ns, store, config.metadata_ttl_s, follow_bucket=config.cluster,
-                                on_stale_entry=_forget_entry)
+                                on_stale_entry=forget_kernel_entry)
         cluster = _cluster(config, ns, store, journal, listing)
         if cluster is not None:  # our lease exists before any write of ours: commits wait for us
             await _at_mount(f"cannot register in s3://{config.bucket}/{config.prefix}", cluster.register,
@@ -179,14 +180,6 @@ async def supervised(name: str, service, errors: BackgroundErrors, *, task_statu
             errors.record(name, exc)
         kwargs = {}  # started once: the mount does not wait for a restart
         await trio.sleep(RESTART_S)
-
-
-def _forget_entry(parent: int, name: bytes) -> None:
-    """Another node deleted or replaced a file: the kernel must look the name up again."""
-    try:
-        pyfuse3.invalidate_entry_async(parent, name)
-    except Exception:  # best effort: the entry timeout bounds the staleness anyway
-        log.debug("invalidate_entry_async failed", exc_info=True)
 
 
 def _cluster(config: Config, ns: Namespace, store: Store, journal: Journal, listing: BucketListing):

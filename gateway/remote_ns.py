@@ -11,6 +11,7 @@ live node's; the lifecycle rule ends abandoned ones). See docs/CLUSTER.md, "Name
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import pyfuse3
@@ -172,7 +173,7 @@ class RemoteNamespace:
             return
         parent, name = self.ns.entry_of[ino]
         removed = self.ns.remove_tree(ino)
-        _invalidate_entry(parent, name)
+        forget_kernel_entry(parent, name)
         log.info("%s was removed on another node: dropped %d entries here", path, removed)
 
     def _rename(self, path: str, to: str) -> None:
@@ -191,7 +192,7 @@ class RemoteNamespace:
             self.ns.rename(old_parent, old_name, new_parent, new_name, 0)
         elif self.ns.getattr(target).is_dir:
             self._merge(ino, target)
-        _invalidate_entry(old_parent, old_name)
+        forget_kernel_entry(old_parent, old_name)
         log.info("%s was renamed to %s on another node: renamed here too", path, to)
 
     def _merge(self, source: int, target: int) -> None:
@@ -222,9 +223,12 @@ def coalesce(batch: list[tuple[str, str, str | None]]) -> list[tuple[str, str, s
     return out
 
 
-def _invalidate_entry(parent: int, name: bytes) -> None:
-    """Tell the kernel to forget a cached name (best effort: no mount in unit tests)."""
-    try:
-        pyfuse3.invalidate_entry_async(parent, name)
-    except Exception:
-        log.debug("could not invalidate a kernel entry", exc_info=True)
+def forget_kernel_entry(parent: int, name: bytes) -> None:
+    """Tell the kernel to forget a cached name, in a thread (the call may block; the kernel may not
+    know the name: ENOENT). Best effort: the entry timeout bounds the staleness anyway."""
+    def call() -> None:
+        try:
+            pyfuse3.invalidate_entry(parent, name)
+        except Exception:  # no mount (unit tests), or the kernel never looked the name up
+            pass
+    threading.Thread(target=call, name="invalidate-entry", daemon=True).start()
