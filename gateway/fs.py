@@ -90,6 +90,9 @@ class Operations(pyfuse3.Operations):
         self.reader = reader  # fills data files of evicted or remote-only files (gateway/reader.py)
         self.space = space    # cache size: eviction and writer backpressure (gateway/space.py)
         self.handles: dict[int, Handle] = {}
+        # With --cluster: async (parent, name) -> bool, one bounded look at the bucket after a miss
+        # (the one network wait a FUSE request may make: another node may have made the name).
+        self.remote_lookup = None
         self._fh_counter = itertools.count(1)
         self.op_counts: dict[str, int] = {}
         self._write_locks: dict[int, trio.Lock] = {}  # inodes with a write in a worker thread
@@ -125,6 +128,13 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def lookup(self, parent_inode, name, ctx=None):
+        try:
+            return self._entry_remembered(self.ns.lookup(parent_inode, name))
+        except FsError as exc:
+            if exc.errno != errno.ENOENT or self.remote_lookup is None or name in (b".", b".."):
+                raise
+            if not await self.remote_lookup(parent_inode, name):
+                raise
         return self._entry_remembered(self.ns.lookup(parent_inode, name))
 
     async def forget(self, inode_list):

@@ -110,6 +110,8 @@ class Namespace:
         self.on_purge = on_purge
         self.on_change: Callable[[], None] = lambda: None
         self.on_removed: Callable[[int], None] = lambda ino: None  # a name was removed: cancel its uploads
+        # Directory changes other nodes must see (op, path, new path): gateway/remote_ns.py in cluster mode.
+        self.on_event: Callable[[str, str, str | None], None] | None = None
         self.lookups: dict[int, int] = {}
         self.open: dict[int, OpenState] = {}
         # inode -> its names (parent, name), oldest first; the first is the canonical one (path_of),
@@ -285,6 +287,8 @@ class Namespace:
         self.names_of[ino] = [(parent, name)]
         self._names_changed(ino)
         self.on_change()
+        if is_dir and self.on_event is not None:
+            self.on_event("mkdir", self.path_of(ino) or "", None)
         return self.getattr(ino)
 
     def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
@@ -332,8 +336,26 @@ class Namespace:
             raise FsError(errno.ENOTDIR)
         if self.has_children(ino):
             raise FsError(errno.ENOTEMPTY)
+        path = self.path_of(ino) if self.on_event is not None else None
         self._remove_entry(parent, name, ino)
+        if path is not None:
+            self.on_event("rmdir", path, None)
         return ino
+
+    def remove_tree(self, ino: int) -> int:
+        """Drop a directory and everything below it (another node deleted it); returns names removed."""
+        removed = 0
+        for _, name, child in self.readdir(ino, 0, limit=1 << 30):
+            if self.getattr(child).is_dir:
+                removed += self.remove_tree(child)
+            else:
+                self._remove_entry(ino, bytes(name), child)
+                removed += 1
+        entry = self.entry_of.get(ino)
+        if entry is not None and ino != ROOT_INODE:
+            self._remove_entry(entry[0], entry[1], ino)
+            removed += 1
+        return removed
 
     def _existing_child(self, parent: int, name: bytes) -> int:
         if name in (b".", b".."):
@@ -431,6 +453,7 @@ class Namespace:
         target_attr = None if target is None else self.getattr(target)
         if target_attr is not None:
             self._check_replace(moving, target_attr)
+        old_path = self.path_of(ino) if moving.is_dir and self.on_event is not None else None
         t = now_ns()
         gen = self._next_gen()
         with self.journal.transaction():
@@ -452,6 +475,8 @@ class Namespace:
         if target is not None:
             self._forget_name(target, new_parent, new_name)
         self.on_change()
+        if old_path is not None:
+            self.on_event("rename", old_path, self.path_of(ino) or "")
         return target
 
     def _rename_name(self, ino: int, old: tuple[int, bytes], new: tuple[int, bytes]) -> None:
@@ -728,6 +753,15 @@ class Namespace:
         self.names_of[ino] = [(parent, name)]
         self._names_changed(ino)
         return ino
+
+    def forget_remote(self, ino: int, key: str) -> None:
+        """The object of a clean file vanished from the bucket (another node deleted it): drop the
+        name here without deleting anything in the bucket."""
+        entry = self.entry_of.get(ino)
+        if entry is None:
+            return
+        self._remove_entry(entry[0], entry[1], ino)
+        self.journal.execute("DELETE FROM objects WHERE key=? AND inode IS NULL", (key,))
 
     def set_cached(self, ino: int, cached: bool, *, size: int | None = None) -> None:
         self.journal.execute("UPDATE inodes SET cached=?, size=coalesce(?, size) WHERE id=?",

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 TRANSIENT_CODES = {
     "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed",
     "Throttling", "ThrottlingException", "OperationAborted", "BadDigest", "IncompleteBody",
-    "XAmzContentSHA256Mismatch",
+    "XAmzContentSHA256Mismatch", "ConditionalRequestConflict",
 }
 MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 METADATA_DIGEST = "ckptfs-xxh3"
@@ -192,6 +192,29 @@ class Store:
                                 Metadata=metadata, ChecksumCRC32=crc32 or crc32_b64(body), **_tagging(key))
         return resp["ETag"]
 
+    async def put_record(self, key: str, body: bytes, *, if_none_match: bool = False,
+                         if_match: str | None = None) -> str:
+        """PUT a small private record, optionally conditional: `if_none_match` creates it only if the
+        key is absent, `if_match` replaces it only if its ETag is still that one. A failed condition
+        raises StoreError with code "PreconditionFailed" (or "NoSuchKey" for If-Match of a missing key)."""
+        conditions = {}
+        if if_none_match:
+            conditions["IfNoneMatch"] = "*"
+        if if_match is not None:
+            conditions["IfMatch"] = if_match
+        resp = await self._call(f"PUT {key}", "put_object", Key=self.full_key(key), Body=Body(body),
+                                ContentType="application/json", **conditions)
+        return resp["ETag"]
+
+    async def get_record(self, key: str) -> tuple[bytes, str]:
+        """A small private record's body and ETag (NoSuchKey if absent)."""
+        resp = await self._call(f"GET {key}", "get_object", Key=self.full_key(key))
+        try:
+            async with resp["Body"] as body:
+                return await body.read(), resp["ETag"]
+        except Exception as exc:
+            raise classify(exc, f"GET {key}") from exc
+
     async def create_multipart(self, key: str, metadata: dict[str, str]) -> str:
         resp = await self._call(f"create multipart {key}", "create_multipart_upload", Key=self.full_key(key),
                                 Metadata=metadata, ChecksumAlgorithm="CRC32", **_tagging(key))
@@ -269,13 +292,20 @@ class Store:
         except Exception as exc:
             raise classify(exc, f"GET {key}") from exc
 
-    async def list_objects(self, prefix: str = "", delimiter: str | None = None) -> AsyncIterator[dict]:
-        """Objects (and, with a delimiter, common prefixes as {'Prefix': ...}) under a relative prefix."""
+    async def list_objects(self, prefix: str = "", delimiter: str | None = None, *,
+                           start_after: str | None = None, max_keys: int | None = None) -> AsyncIterator[dict]:
+        """Objects (and, with a delimiter, common prefixes as {'Prefix': ...}) under a relative prefix.
+
+        `start_after` (relative) skips keys up to it; `max_keys` stops after one page of that size."""
         full = self.full_key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
         paginator = self.client.get_paginator("list_objects_v2")
         kwargs = {"Bucket": self.bucket, "Prefix": full}
         if delimiter:
             kwargs["Delimiter"] = delimiter
+        if start_after:
+            kwargs["StartAfter"] = self.full_key(start_after)
+        if max_keys:
+            kwargs["PaginationConfig"] = {"MaxItems": max_keys, "PageSize": max_keys}
         try:
             async for page in paginator.paginate(**kwargs):
                 for item in page.get("CommonPrefixes", []):
