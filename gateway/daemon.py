@@ -126,8 +126,10 @@ async def _serve_locked(config: Config, journal: Journal, on_ready: Callable[[],
         if cluster is not None:  # our lease exists before any write of ours: commits wait for us
             await _at_mount(f"cannot register in s3://{config.bucket}/{config.prefix}", cluster.register,
                             timeout_s=60)
+        # one node: objects the journal has but the bucket lacks are uploaded again (a power loss
+        # undid a delete); several nodes: the bucket is the truth (another node deleted them)
         await _at_mount(f"cannot list s3://{config.bucket}/{config.prefix}",
-                        lambda: listing.sync_once(reconcile=True), timeout_s=300)
+                        lambda: listing.sync_once(reconcile=not config.cluster), timeout_s=300)
         drain = Drain(ns, cache, store, journal, config, gate=cluster)  # sets cluster.wake = drain.wake
         control = Control(ns, cache, drain, journal, config)
         control.cluster = cluster

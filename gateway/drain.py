@@ -76,6 +76,7 @@ class Selection:
     """The scheduler's state carried between passes (gateway/scheduler.py, rule 2)."""
 
     selected: int | None = None
+    started: bool = False        # a job of the selected scope was started: it keeps its rank
     prefer_old: bool = False
     newest_durable_seq: int | None = None
     superseded_since: dict[int, float] = dataclasses.field(default_factory=dict)
@@ -222,12 +223,14 @@ class Drain:
         rows = self._rows(now)
         sel = self.selection
         plan = scheduler.plan(
-            rows, self._rename_scopes(), self.rules, selected=sel.selected, prefer_old=sel.prefer_old,
+            rows, self._rename_scopes(), self.rules, selected=sel.selected, started=sel.started,
+            prefer_old=sel.prefer_old,
             newest_durable_seq=sel.newest_durable_seq, old_ok=self._old_ok(now), pinned=self._pinned(),
             room=max(0, self.max_jobs - len(self.jobs)), gate=self.gate.may_publish)
         self._remember(plan, now)
         for ino in plan.start:
             self._start(nursery, ino)
+        sel.started = sel.started or any(plan.priority[ino][0] == 0 for ino in plan.start)
         self.publisher.reprioritize()
 
     def _rows(self, now: float) -> list[scheduler.Row]:
@@ -318,6 +321,8 @@ class Drain:
                 sel.newest_durable_seq = max(sel.newest_durable_seq or 0, scope.committed_seq)
                 self.counters.newest_durable_scope_at = now
                 log.log(logging.INFO if scope.by_marker else logging.DEBUG, "checkpoint %s is durable", scope.path or "/")
+        if plan.selected != sel.selected:
+            sel.started = False
         sel.selected, sel.prefer_old, sel.last_plan = plan.selected, plan.prefer_old, plan
         floor = sel.newest_durable_seq if sel.newest_durable_seq is not None else -1
         sel.superseded_since = {root: sel.superseded_since.get(root, now) for root, scope in plan.scopes.items()
