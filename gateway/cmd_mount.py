@@ -51,6 +51,14 @@ def register(subparsers) -> None:
     p.add_argument("--metadata-ttl", dest="metadata_ttl_s", type=float, help="seconds between listings of the bucket")
     p.add_argument("--backpressure-timeout", dest="backpressure_timeout_s", type=float,
                    help="seconds a writer waits for cache room before ENOSPC")
+    p.add_argument("--cluster", action="store_true", default=None,
+                   help="several nodes mount this prefix: leases, cluster commits, shared namespace")
+    p.add_argument("--node-id", help="this node's id in the cluster (default: kept in the cache dir)")
+    p.add_argument("--lease-interval", dest="lease_interval_s", type=float, help="seconds between lease renewals")
+    p.add_argument("--cluster-poll", dest="cluster_poll_s", type=float,
+                   help="seconds between looks at other nodes' records while active")
+    p.add_argument("--remote-lookup-timeout", dest="remote_lookup_timeout_s", type=float,
+                   help="seconds a lookup that missed may wait for the bucket")
     p.add_argument("--metrics-addr", help="serve Prometheus metrics on HOST:PORT")
     p.add_argument("--log-level")
     p.add_argument("--log-file")
@@ -67,7 +75,8 @@ def register(subparsers) -> None:
 FLAG_FIELDS = ("cache_dir", "endpoint_url", "region", "foreground", "allow_other", "drain_delay_s",
                "drain_timeout_s", "no_drain", "part_size_bytes", "upload_concurrency", "put_concurrency",
                "hold_patterns", "marker_patterns", "pointer_patterns", "hold_limit_s", "cache_size", "metadata_ttl_s",
-               "backpressure_timeout_s", "metrics_addr", "log_level", "log_file")
+               "backpressure_timeout_s", "metrics_addr", "log_level", "log_file",
+               "cluster", "node_id", "lease_interval_s", "cluster_poll_s", "remote_lookup_timeout_s")
 
 
 def build_config(args: argparse.Namespace) -> configuration.Config:

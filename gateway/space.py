@@ -52,6 +52,10 @@ class SpaceGuard:
     def touch(self, ino: int) -> None:
         self.last_used[ino] = time.monotonic()
 
+    def fits(self, nbytes: int) -> bool:
+        """Whether `reserve(nbytes)` returns without waiting."""
+        return self.cache.used_bytes + nbytes <= self.limit_bytes
+
     @contextlib.contextmanager
     def pinned(self, ino: int):
         """Keep `ino` from eviction across an await (a fetch before the handle is taken)."""

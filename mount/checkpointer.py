@@ -247,6 +247,8 @@ class ContinuousCheckpointer:
                 self._prepare(step_dir)
             if self._world > 1:
                 dist.barrier(group=self._work_group)
+                # Each rank may have its own gateway (one per node): make the directory there too.
+                os.makedirs(step_dir, exist_ok=True)
             ctx = RankContext(self._rank, self._world, self._work_group)
             records = self._format.write(step_dir, job.state, ctx)
         except Exception as exc:
