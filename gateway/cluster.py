@@ -21,7 +21,8 @@ import logging
 import random
 import socket
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -31,6 +32,9 @@ from gateway.journal import Journal
 from gateway.namespace import SUBTREE_CTE, Namespace
 from gateway.scopes import ScopeRules
 from gateway.store import Store
+
+if TYPE_CHECKING:  # annotations only
+    from gateway.remote_ns import RemoteNamespace
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +118,7 @@ class Cluster:
         self.waiting: dict[str, dict] = {}         # scope -> our pending files, shown in our lease
         self.renewed_local: float | None = None    # local time the last successful renewal was sent
         self.lease_errors = 0
-        self.namespace = None  # gateway.remote_ns.RemoteNamespace, set by the daemon
+        self.namespace: RemoteNamespace | None = None  # set by the daemon
         self.rules = ScopeRules(config.marker_patterns, config.pointer_patterns, config.hold_patterns)
         self._nursery: trio.Nursery | None = None
         self._lease_wake = trio.Event()
@@ -184,7 +188,8 @@ class Cluster:
         then the directory is not durable cluster-wide, whatever this node's own files say."""
         inside = path + "/"
         for commit in self.held.values():
-            if commit.state not in ("committed", "abandoned") and (commit.scope == path or commit.scope.startswith(inside) or not path):
+            if commit.state not in ("committed", "abandoned") and (
+                    commit.scope == path or commit.scope.startswith(inside) or not path):
                 return True
         for answer in self.answers.values():
             if not answer.committed and (answer.scope == path or answer.scope.startswith(inside) or not path):
@@ -505,6 +510,7 @@ class Cluster:
         return False
 
     async def _check_answers(self, commit: HeldCommit) -> None:
+        assert commit.commit_id is not None  # set when the commit was announced
         keys = [self.store.relative_key(item["Key"]) async for item in
                 self.store.list_objects(rec.manifest_prefix(commit.scope, commit.commit_id))]
         answered = rec.answered_members(keys, commit.scope, commit.commit_id)
@@ -523,6 +529,7 @@ class Cluster:
     async def _grant(self, commit: HeldCommit) -> None:
         """Every node answered: record "granted" with If-Match on our ETag. If another node replaced
         the record meanwhile (it took us for lost), we lost the scope and never publish."""
+        assert commit.commit_id is not None  # set when the commit was announced
         body = json.loads(rec.commit_record(commit.scope, commit.markers[0], commit.commit_id, self.member,
                                             commit.required, commit.started_at))
         body.update(state="granted", granted_at=time.time())
@@ -589,6 +596,7 @@ class Cluster:
         return {"key": row[0], "size": row[1], "digest": row[2], "etag": row[3]}
 
     async def _finish(self, commit: HeldCommit) -> None:
+        assert commit.commit_id is not None  # set when the commit was announced
         body = json.loads(rec.commit_record(commit.scope, commit.markers[0], commit.commit_id, self.member,
                                             commit.required, commit.started_at))
         body.update(state="committed", committed_at=time.time(), markers=commit.markers,

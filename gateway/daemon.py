@@ -134,8 +134,12 @@ async def _serve_locked(config: Config, journal: Journal, on_ready: Callable[[],
         control = Control(ns, cache, drain, journal, config)
         control.cluster = cluster
         if cluster is not None:
-            wake_drain = ns.on_change
-            ns.on_change = lambda: (wake_drain(), cluster.poke())
+            wake_drain, poke_cluster = ns.on_change, cluster.poke
+
+            def wake_drain_and_cluster() -> None:
+                wake_drain()
+                poke_cluster()
+            ns.on_change = wake_drain_and_cluster
         space = SpaceGuard(ns, cache, drain, limit_bytes=cache_size_bytes(config, _disk_bytes(cache)),
                            high=config.cache_high_watermark, low=config.cache_low_watermark,
                            timeout_s=config.backpressure_timeout_s)

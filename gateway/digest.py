@@ -7,7 +7,7 @@ import contextlib
 import hashlib
 import os
 import zlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import xxhash
 
@@ -44,7 +44,7 @@ def read_range(path: str, offset: int, length: int) -> bytes:
     return data
 
 
-def crc32_b64(data: bytes) -> str:
+def crc32_b64(data: bytes | memoryview) -> str:
     """The S3 `x-amz-checksum-crc32` value of `data`."""
     return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
 

@@ -339,7 +339,7 @@ class Namespace:
             raise FsError(errno.ENOTEMPTY)
         path = self.path_of(ino) if self.on_event is not None else None
         self._remove_entry(parent, name, ino)
-        if path is not None:
+        if path is not None and self.on_event is not None:
             self.on_event("rmdir", path, None)
         return ino
 
@@ -477,7 +477,7 @@ class Namespace:
         if target is not None:
             self._forget_name(target, new_parent, new_name)
         self.on_change()
-        if old_path is not None:
+        if old_path is not None and self.on_event is not None:
             self.on_event("rename", old_path, self.path_of(ino) or "")
         return target
 

@@ -300,7 +300,7 @@ class Store:
         `start_after` (relative) skips keys up to it; `max_keys` stops after one page of that size."""
         full = self.full_key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
         paginator = self.client.get_paginator("list_objects_v2")
-        kwargs = {"Bucket": self.bucket, "Prefix": full}
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full}
         if delimiter:
             kwargs["Delimiter"] = delimiter
         if start_after:
