@@ -1,12 +1,12 @@
-# ckptfs: `make demo` runs the main job on an embedded S3 endpoint; `make test` runs the test suite.
-# Both install what they need on a fresh Debian machine (as root): fuse3 and a virtualenv in .venv.
+# ckptfs: `make demo` runs the main job on an embedded S3 endpoint; `make test` runs `make lint` (ruff, mypy on
+# gateway/ and mount/), then the test suite. Both install what they need on a fresh Debian machine (as root): fuse3 and a virtualenv in .venv.
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench deps venv clean
+.PHONY: demo test test-slow lint bench deps venv clean
 
 deps:
 	@command -v fusermount3 >/dev/null && [ -e /usr/include/fuse3/fuse.h ] && command -v pkg-config >/dev/null \
@@ -31,7 +31,11 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m scripts.demo
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(PY) -m ruff check gateway mount
+	$(PY) -m mypy
+
+test: lint
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 test-slow: $(STAMP)

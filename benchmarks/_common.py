@@ -138,6 +138,27 @@ def empty_bucket(server: S3Server, bucket: str) -> None:
         s3.abort_multipart_upload(Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
 
 
+@contextlib.contextmanager
+def latency_proxy(server: S3Server, one_way_ms: float, bandwidth: int | None = None,
+                  lifetime_s: float = 3600) -> Iterator[str]:
+    """tests/support/latencyproxy.py in its own process in front of `server`; yields its endpoint URL.
+
+    A process of its own, so the benchmark's client threads (boto3) do not slow the proxy down."""
+    cmd = [sys.executable, "-m", "tests.support.latencyproxy", server.endpoint_url, "--one-way-ms", str(one_way_ms),
+           "--lifetime", str(lifetime_s)] + (["--bandwidth", str(bandwidth)] if bandwidth else [])
+    proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 # ---------------------------------------------------------------------------- mounts
 
 def cli(*args: str, timeout: float = 120, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -153,7 +174,8 @@ class Mount:
 
     def __init__(self, server: S3Server, base: Path, *, bucket: str | None = None, prefix: str = "bench",
                  drain_delay_s: float | None = None, part_size: str | None = None,
-                 concurrency: int | None = None, extra: tuple[str, ...] = (), env: dict | None = None):
+                 concurrency: int | None = None, extra: tuple[str, ...] = (), env: dict | None = None,
+                 endpoint_url: str | None = None):
         self.server = server
         self.env = env or {}  # extra environment of the daemon (e.g. MALLOC_* tunables)
         self.bucket = bucket or f"bench-{uuid.uuid4().hex[:8]}"
@@ -161,7 +183,7 @@ class Mount:
         tag = uuid.uuid4().hex[:6]
         self.mnt = base / f"mnt-{tag}"
         self.cache = base / f"cache-{tag}"
-        self.args = ["--cache-dir", str(self.cache), "--endpoint-url", server.endpoint_url]
+        self.args = ["--cache-dir", str(self.cache), "--endpoint-url", endpoint_url or server.endpoint_url]
         if drain_delay_s is not None:
             self.args += ["--drain-delay", str(drain_delay_s)]
         if part_size is not None:
@@ -307,6 +329,15 @@ def cpu_seconds(pid: int) -> float:
     import psutil
     t = psutil.Process(pid).cpu_times()
     return t.user + t.system
+
+
+def main_thread_cpu_seconds(pid: int) -> float:
+    """CPU seconds of the process's main thread: the one that serves FUSE requests in the daemon."""
+    import psutil
+    for t in psutil.Process(pid).threads():
+        if t.id == pid:
+            return t.user_time + t.system_time
+    return float("nan")
 
 
 def run_main(main: Callable[[list[str] | None], dict]) -> None:

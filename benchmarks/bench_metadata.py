@@ -18,8 +18,8 @@ import os
 import time
 
 from benchmarks._common import (
-    Mount, base_parser, cpu_seconds, emit, log, median, moto, parse_size, print_table, run_main, workdir,
-    block,
+    Mount, base_parser, cpu_seconds, emit, log, main_thread_cpu_seconds, median, moto, parse_size, print_table,
+    run_main, workdir, block,
 )
 
 VARIANTS = ("plain", "mount", "mount+drain")
@@ -61,9 +61,10 @@ def one_trial(variant: str, server, base, count: int, size: int, n: int, budget:
     with Mount(server, base, drain_delay_s=delay) as m:
         d = m.mnt / "d"
         d.mkdir()
-        cpu0 = cpu_seconds(m.pid)
+        cpu0, main0 = cpu_seconds(m.pid), main_thread_cpu_seconds(m.pid)
         r = create_files(str(d), count, size, budget)
         r["daemon_cpu"] = cpu_seconds(m.pid) - cpu0
+        r["fuse_thread_cpu"] = main_thread_cpu_seconds(m.pid) - main0
         st = m.status()
         r["uploaded_files_during"] = st["uploaded_files_total"]
     return r
@@ -96,17 +97,20 @@ def main(argv=None) -> dict:
     truncated = {v: any(r["truncated"] for r in rs) for v, rs in results.items()}
     rows = [[v, " ".join(f"{r['rate']:.0f}" for r in rs), f"{rate[v]:.0f}" + (" (truncated)" if truncated[v] else ""),
              " ".join(f"{x:.0f}" for x in rs[0]["chunk_rates"]),
-             f"{median([r['daemon_cpu'] / r['files'] * 1000 for r in rs]):.2f}" if "daemon_cpu" in rs[0] else "-"]
+             f"{median([r['daemon_cpu'] / r['files'] * 1000 for r in rs]):.2f}/"
+             f"{median([r['fuse_thread_cpu'] / r['files'] * 1000 for r in rs]):.2f}" if "daemon_cpu" in rs[0] else "-"]
             for v, rs in results.items()]
     print(f"\nbench_metadata: {args.files} x (create + {size} B write + close); {args.repeat} rounds; "
           f"trial budget {args.trial_budget:.0f}s\n")
     print_table(["variant", "trials (files/s)", "median files/s", "files/s per tenth (1st trial)",
-                 "daemon CPU ms/file"], rows)
+                 "daemon/FUSE-thread CPU ms/file"], rows)
     out = {"benchmark": "bench_metadata", "module": "benchmarks.bench_metadata", "files": args.files,
            "file_size_bytes": size, "repeat": args.repeat, "trial_budget_s": args.trial_budget,
            "files_per_s": {v: round(x, 1) for v, x in rate.items()}, "truncated": truncated,
            "files_done": {v: [r["files"] for r in rs] for v, rs in results.items()},
-           "chunk_rates_first_trial": {v: [round(x) for x in rs[0]["chunk_rates"]] for v, rs in results.items()}}
+           "chunk_rates_first_trial": {v: [round(x) for x in rs[0]["chunk_rates"]] for v, rs in results.items()},
+           "fuse_thread_cpu_ms_per_file": {v: round(median([r["fuse_thread_cpu"] / r["files"] * 1000 for r in rs]), 3)
+                                           for v, rs in results.items() if "fuse_thread_cpu" in rs[0]}}
     if "plain" in rate:
         for v in variants:
             if v != "plain":

@@ -1,6 +1,7 @@
 """Run the gateway daemon under cProfile for one workload and print where its CPU time goes.
 
     .venv/bin/python -m benchmarks.profile_daemon metadata [--files 1000]
+    .venv/bin/python -m benchmarks.profile_daemon metadata-drain [--files 1000]   (uploads run meanwhile)
     .venv/bin/python -m benchmarks.profile_daemon drain [--size 1GiB]
     .venv/bin/python -m benchmarks.profile_daemon write [--size 1GiB]
 
@@ -25,7 +26,7 @@ from benchmarks.bench_metadata import create_files
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("workload", choices=["metadata", "drain", "write"])
+    ap.add_argument("workload", choices=["metadata", "metadata-drain", "drain", "write"])
     ap.add_argument("--files", type=int, default=1000)
     ap.add_argument("--size", default="1GiB")
     ap.add_argument("--top", type=int, default=25)
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
                     raise RuntimeError("mount did not come up")
                 time.sleep(0.1)
             t0 = time.perf_counter()
-            if args.workload == "metadata":
+            if args.workload.startswith("metadata"):
                 (mnt / "d").mkdir()
                 r = create_files(str(mnt / "d"), args.files, 4096)
                 print(f"{r['files']} files in {r['s']:.1f}s")

@@ -37,6 +37,11 @@ BENCHES = {
     "bench_write_while_draining": ("bench_write_while_draining", ["--reference"],
                                    ["--size", "256MiB", "--bg-size", "512MiB", "--reference"], 900),
     "bench_rss": ("bench_rss", [], ["--size", "128MiB"], 900),
+    # issue 13: publication through tests/support/latencyproxy.py adding 10 ms each way
+    "bench_latency_orbax": ("bench_latency", ["--shape", "orbax", "--files", "1000"], ["--shape", "orbax"], 1800),
+    "bench_latency_dcp": ("bench_latency", ["--shape", "dcp", "--shard-size", "4MiB"], ["--shape", "dcp"], 1800),
+    "bench_latency_torch": ("bench_latency", ["--shape", "torch", "--size", "1GiB", "--direct"],
+                            ["--shape", "torch", "--direct"], 1800),
     # experiment: glibc's dynamic mmap threshold keeps freed 16 MiB part buffers in malloc arenas
     "bench_rss_mmap_threshold": ("bench_rss", ["--daemon-env", "MALLOC_MMAP_THRESHOLD_=1048576"],
                                  ["--size", "128MiB", "--daemon-env", "MALLOC_MMAP_THRESHOLD_=1048576"], 900),
@@ -136,6 +141,21 @@ def rows_for(label: str, r: dict) -> list[list[str]]:
         return [[f"daemon peak RSS while draining {r['files']} × {r['file_size_bytes'] >> 20} MiB{env}{tag}",
                  "≤ 256 MiB", f"**{r['peak_rss_mib']:.0f} MiB** (at start {r['baseline_rss_mib']:.0f} MiB; "
                  f"all durable after {r['drain_s'][0]:.0f} s)"]]
+    if b == "bench_latency":
+        m, fps = r["median_s"], r["files_per_s"]
+        what = {"orbax": f"Orbax-shaped {r['files']} files", "dcp": f"DCP-shaped {r['files']} files",
+                "torch": "torch-shaped 1 file"}[r["shape"]]
+        rows = []
+        for path in ("proxy", "direct"):
+            if f"ratio_{path}" not in r:
+                continue
+            via = f"proxy +{r['rtt_ms'] / 2:g} ms each way" if path == "proxy" else "moto direct"
+            per_rtt = (f"; {fps[f'ckptfs/{path}'] * r['rtt_ms'] / 1000:.2f} vs "
+                       f"{fps[f'boto3/{path}'] * r['rtt_ms'] / 1000:.2f} files per round trip" if path == "proxy" else "")
+            rows.append([f"{what} ({r['bytes'] >> 20} MiB), {via}: rename → `ckptfs wait` ÷ boto3 (10 threads){tag}",
+                         "≤ 1.2", f"**{r[f'ratio_{path}']:.2f}** (ckptfs {m[f'ckptfs/{path}']:.2f} s = "
+                         f"{fps[f'ckptfs/{path}']:.0f} files/s; boto3 {m[f'boto3/{path}']:.2f} s){per_rtt}"])
+        return rows
     return []
 
 

@@ -17,6 +17,9 @@ import trio
 
 log = logging.getLogger(__name__)
 
+# Writes at least this large go to a worker thread; smaller ones cost less than the thread hop.
+THREADED_WRITE_BYTES = 64 * 1024
+
 PRIVATE_DIR_MODE = 0o700
 
 
@@ -58,6 +61,8 @@ class CacheFiles:
         self.root.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
         os.chmod(self.root, PRIVATE_DIR_MODE)
         self._fds: dict[int, list[int]] = {}  # inode -> [fd, references]
+        for sub in range(256):  # made once here, not checked on every open
+            (self.root / f"{sub:02x}").mkdir(exist_ok=True)
         self.used_bytes = self._scan_used()
 
     def path(self, ino: int) -> Path:
@@ -77,9 +82,7 @@ class CacheFiles:
         """An open descriptor for the inode's data file (created empty if missing)."""
         slot = self._fds.get(ino)
         if slot is None:
-            path = self.path(ino)
-            path.parent.mkdir(exist_ok=True)
-            slot = self._fds[ino] = [os.open(path, os.O_RDWR | os.O_CREAT, 0o600), 0]
+            slot = self._fds[ino] = [os.open(self.path(ino), os.O_RDWR | os.O_CREAT, 0o600), 0]
         slot[1] += 1
         return slot[0]
 
@@ -93,11 +96,15 @@ class CacheFiles:
     def fd(self, ino: int) -> int:
         return self._fds[ino][0]
 
-    def write(self, ino: int, offset: int, data: bytes) -> int:
+    async def write(self, ino: int, offset: int, data: bytes) -> int:
+        """pwrite to the data file. Large writes run in a worker thread, so the FUSE thread reads the
+        next request meanwhile (the copy into the page cache is most of a write's cost)."""
         fd = self.fd(ino)
-        before = os.fstat(fd).st_blocks
-        written = os.pwrite(fd, data, offset)
-        self.used_bytes += (os.fstat(fd).st_blocks - before) * 512
+        if len(data) < THREADED_WRITE_BYTES:
+            written, grown = _pwrite(fd, data, offset)
+        else:
+            written, grown = await trio.to_thread.run_sync(_pwrite, fd, data, offset)
+        self.used_bytes += grown
         return written
 
     def read(self, ino: int, offset: int, size: int) -> bytes:
@@ -106,9 +113,10 @@ class CacheFiles:
     def truncate(self, ino: int, size: int) -> None:
         fd = self.acquire(ino)
         try:
-            before = os.fstat(fd).st_blocks
-            os.ftruncate(fd, size)
-            self.used_bytes += (os.fstat(fd).st_blocks - before) * 512
+            before = os.fstat(fd)
+            if before.st_size != size:
+                os.ftruncate(fd, size)
+                self.used_bytes += (os.fstat(fd).st_blocks - before.st_blocks) * 512
         finally:
             self.release(ino)
 
@@ -136,6 +144,13 @@ class CacheFiles:
 
     def statistics(self) -> CacheStatistics:
         return CacheStatistics(used_bytes=self.used_bytes, open_files=len(self._fds))
+
+
+def _pwrite(fd: int, data: bytes, offset: int) -> tuple[int, int]:
+    """(bytes written, bytes of disk the file grew by)."""
+    before = os.fstat(fd).st_blocks
+    written = os.pwrite(fd, data, offset)
+    return written, (os.fstat(fd).st_blocks - before) * 512
 
 
 def is_disk_full(exc: OSError) -> bool:

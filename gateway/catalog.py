@@ -141,11 +141,12 @@ def build(target: Target, now: float | None = None) -> Catalog:
     members = [o for c in candidates for o in c.objects.values()]
     with s3ops.s3_errors(f"reading object metadata under {source}"), ThreadPoolExecutor(WORKERS) as pool:
         full = {o.rel: _full_key(target.key, o.rel) for o in members}
-        heads = dict(zip(full, pool.map(lambda rel: _metadata(s3, target.bucket, full[rel]), full)))
-        keeps = dict(zip(full, pool.map(lambda rel: get_keep(s3, target.bucket, full[rel]), full)))
+        heads = dict(zip(full, pool.map(lambda rel: _metadata(s3, target.bucket, full[rel]), full), strict=True))
+        keeps = dict(zip(full, pool.map(lambda rel: get_keep(s3, target.bucket, full[rel]), full), strict=True))
         marker_keys = [c for c in candidates if c.marker and c.kind == "directory"]
         marker_bytes = dict(zip((c.rel for c in marker_keys), pool.map(
-            lambda c: _get(s3, target.bucket, _full_key(target.key, _join(c.rel, c.marker))), marker_keys)))
+            lambda c: _get(s3, target.bucket, _full_key(target.key, _join(c.rel, c.marker))), marker_keys),
+            strict=True))
     now = time.time() if now is None else now
     checkpoints = [
         inspect(target, c, heads, keeps, marker_bytes.get(c.rel), now) for c in candidates

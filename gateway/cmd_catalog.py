@@ -105,8 +105,8 @@ def plain_text(result) -> str:
     rows = [HEADERS] + [_row(c) for c in result.checkpoints]
     widths = [max(len(r[i]) for r in rows) for i in range(len(HEADERS))]
     lines = []
-    for row, c in zip(rows, [None] + result.checkpoints):
-        lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    for row, c in zip(rows, [None, *result.checkpoints], strict=True):
+        lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
         if c is not None:
             lines.extend(f"    missing: {m}" for m in c.missing)
     latest = result.latest_complete

@@ -62,7 +62,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     config, sources = resolve_with_sources({}, args.config, env)
     values = config.public()
     values["endpoint_url"] = redact_url(values["endpoint_url"])
-    path, explicit = config_file_path(args.config, env)
+    path, _explicit = config_file_path(args.config, env)
     file_note = str(path) if path.exists() else f"{path} (not present)"
     creds = credentials_summary(env)
     if args.json:

@@ -32,13 +32,15 @@ def register(subparsers) -> None:
     p.add_argument("--foreground", action="store_true", default=None, help="stay in the foreground")
     p.add_argument("--allow-other", action="store_true", default=None, help="let other users use the mount")
     p.add_argument("--config", help="TOML config file (default /etc/ckptfs/ckptfs.toml)")
-    p.add_argument("--drain-delay", dest="drain_delay_s", type=float, help="seconds a closed file stays quiet before upload")
+    p.add_argument("--drain-delay", dest="drain_delay_s", type=float,
+                   help="seconds a closed file stays quiet before upload")
     p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float, help="seconds to drain on unmount/SIGTERM")
     p.add_argument("--no-drain", action="store_true", default=None, help="exit at unmount without draining")
     p.add_argument("--part-size", dest="part_size_bytes", help="multipart part size, e.g. 16MiB")
     p.add_argument("--upload-concurrency", type=int, help="parts uploaded in parallel")
     p.add_argument("--hold-pattern", dest="hold_patterns", action="append", help="temporary-name pattern (repeatable)")
-    p.add_argument("--hold-limit", dest="hold_limit_s", type=float, help="seconds before a held file is uploaded anyway")
+    p.add_argument("--hold-limit", dest="hold_limit_s", type=float,
+                   help="seconds before a held file is uploaded anyway")
     p.add_argument("--marker-pattern", dest="marker_patterns", action="append",
                    help="commit-marker name pattern (repeatable; replaces the defaults)")
     p.add_argument("--pointer-pattern", dest="pointer_patterns", action="append",
@@ -49,6 +51,14 @@ def register(subparsers) -> None:
     p.add_argument("--metadata-ttl", dest="metadata_ttl_s", type=float, help="seconds between listings of the bucket")
     p.add_argument("--backpressure-timeout", dest="backpressure_timeout_s", type=float,
                    help="seconds a writer waits for cache room before ENOSPC")
+    p.add_argument("--cluster", action="store_true", default=None,
+                   help="several nodes mount this prefix: leases, cluster commits, shared namespace")
+    p.add_argument("--node-id", help="this node's id in the cluster (default: kept in the cache dir)")
+    p.add_argument("--lease-interval", dest="lease_interval_s", type=float, help="seconds between lease renewals")
+    p.add_argument("--cluster-poll", dest="cluster_poll_s", type=float,
+                   help="seconds between looks at other nodes' records while active")
+    p.add_argument("--remote-lookup-timeout", dest="remote_lookup_timeout_s", type=float,
+                   help="seconds a lookup that missed may wait for the bucket")
     p.add_argument("--metrics-addr", help="serve Prometheus metrics on HOST:PORT")
     p.add_argument("--log-level")
     p.add_argument("--log-file")
@@ -64,7 +74,9 @@ def register(subparsers) -> None:
 
 FLAG_FIELDS = ("cache_dir", "endpoint_url", "region", "foreground", "allow_other", "drain_delay_s",
                "drain_timeout_s", "no_drain", "part_size_bytes", "upload_concurrency", "put_concurrency",
-               "hold_patterns", "marker_patterns", "pointer_patterns", "hold_limit_s", "cache_size", "metadata_ttl_s", "backpressure_timeout_s", "metrics_addr", "log_level", "log_file")
+               "hold_patterns", "marker_patterns", "pointer_patterns", "hold_limit_s", "cache_size", "metadata_ttl_s",
+               "backpressure_timeout_s", "metrics_addr", "log_level", "log_file",
+               "cluster", "node_id", "lease_interval_s", "cluster_poll_s", "remote_lookup_timeout_s")
 
 
 def build_config(args: argparse.Namespace) -> configuration.Config:
@@ -130,12 +142,12 @@ def run_foreground(config: configuration.Config, ready_fd: int | None = None) ->
 
 
 def start_background(config: configuration.Config, timeout_s: float = 120) -> int:
-    if not config.log_file:
-        config = dataclasses.replace(config, log_file=str(Path(config.cache_dir) / "ckptfs.log"))
+    log_file = config.log_file or str(Path(config.cache_dir) / "ckptfs.log")
+    config = dataclasses.replace(config, log_file=log_file)
     read_fd, write_fd = os.pipe()
     cmd = [sys.executable, "-m", "gateway.cmd_mount", "--daemon", json.dumps(dataclasses.asdict(config)),
            str(write_fd)]
-    log_fd = open_private_log(config.log_file)
+    log_fd = open_private_log(log_file)
     proc = subprocess.Popen(cmd, pass_fds=(write_fd,), start_new_session=True, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=log_fd)
     os.close(log_fd)

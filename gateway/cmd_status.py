@@ -108,9 +108,27 @@ def format_status(s: dict) -> str:
     for key in ("cache_size_bytes", "evictable_bytes", "evictions_total", "backpressure_seconds_total"):
         if key in s:
             rows.append((key.replace("_", " "), s[key]))
+    rows.extend(cluster_rows(s.get("cluster")))
     rows += [("marker waiting", _commit_wait(w)) for w in s.get("commit_waits", [])]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def cluster_rows(c: dict | None) -> list[tuple[str, object]]:
+    """With --cluster: this node, its lease, and each commit it holds that waits for other nodes."""
+    if not c:
+        return []
+    lease = "lapsed" if c.get("lease_lapsed") else f"renewed {c.get('lease_age_s')}s ago"
+    rows: list[tuple[str, object]] = [("cluster node", f"{c['node']}@{c['incarnation']} (lease {lease})")]
+    for commit in c.get("commits", []):
+        waits = [f"{w['node']}{' (lost)' if w.get('lost') else ''}"
+                 + (f": {', '.join(w['pending_files'][:3])}" if w.get("pending_files") else "")
+                 for w in commit.get("waiting_for", [])]
+        detail = commit.get("error") or ("waiting for " + "; ".join(waits) if waits else commit["state"])
+        rows.append((f"commit {commit['scope']}", detail))
+    if c.get("answering"):
+        rows.append(("answering commits of", ", ".join(c["answering"][:5])))
+    return rows
 
 
 def _commit_wait(wait: dict) -> str:

@@ -15,7 +15,8 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from gateway.scopes import DEFAULT_HOLD_PATTERNS, DEFAULT_MARKER_PATTERNS, DEFAULT_POINTER_PATTERNS
 
@@ -63,6 +64,12 @@ class Config:
     cache_low_watermark: float = 0.75
     metadata_ttl_s: float = 60.0
     backpressure_timeout_s: float = 300.0
+    # several nodes on one prefix (docs/CLUSTER.md)
+    cluster: bool = False
+    node_id: str | None = None
+    lease_interval_s: float = 5.0
+    cluster_poll_s: float = 0.5
+    remote_lookup_timeout_s: float = 1.0
     # observability
     metrics_addr: str | None = None
     log_level: str = "INFO"
@@ -90,6 +97,7 @@ SECTIONS = {
     ),
     "cache": ("cache_size", "cache_high_watermark", "cache_low_watermark", "metadata_ttl_s",
               "backpressure_timeout_s"),
+    "cluster": ("cluster", "node_id", "lease_interval_s", "cluster_poll_s", "remote_lookup_timeout_s"),
     "observability": ("metrics_addr", "log_level", "log_file"),
 }
 
@@ -173,7 +181,7 @@ def _coerce(key: str, value: Any, source: str = "") -> Any:
             return False
         raise bad("true or false")
     if kind in ("int", "float"):
-        if isinstance(value, bool) or isinstance(value, (list, dict)):
+        if isinstance(value, (bool, list, dict)):
             raise bad("an integer" if kind == "int" else "a number")
         try:
             number = int(value) if kind == "int" else float(value)
@@ -206,8 +214,8 @@ def _from_toml(path: Path) -> dict[str, Any]:
             raise ConfigError(f"{path}: unknown section [{section}] (known: {', '.join(SECTIONS)})")
         for key, value in body.items():
             if key not in SECTIONS[section]:
-                home = [s for s, keys in SECTIONS.items() if key in keys]
-                hint = f" (it belongs in [{home[0]}])" if home else _did_you_mean(key)
+                homes = [s for s, keys in SECTIONS.items() if key in keys]
+                hint = f" (it belongs in [{homes[0]}])" if homes else _did_you_mean(key)
                 raise ConfigError(f"{path}: unknown key {section}.{key}{hint}")
             values[key] = value
     return values
@@ -306,6 +314,11 @@ def _validate(config: Config) -> None:
         parse_s3_url(f"s3://{config.bucket}/{config.prefix}")
     if config.metrics_addr:
         parse_addr(config.metrics_addr)
+    if config.node_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", config.node_id):
+        raise ConfigError(f"node_id: {config.node_id!r} must be 1-63 letters, digits, '.', '_' or '-'")
+    for key in ("lease_interval_s", "cluster_poll_s", "remote_lookup_timeout_s"):
+        if not getattr(config, key) > 0:
+            raise ConfigError(f"{key}: must be > 0")
     cache_size_bytes(config, disk_bytes=1)  # parses or raises
 
 

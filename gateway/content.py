@@ -33,10 +33,11 @@ def _intent(ns: Namespace, ino: int) -> None:
         ns.journal.sync_wal()
 
 
-def write(ns: Namespace, cache: CacheFiles, ino: int, offset: int, data: bytes) -> int:
-    """pwrite into the data file of an open file; returns the bytes written."""
+async def write(ns: Namespace, cache: CacheFiles, ino: int, offset: int, data: bytes) -> int:
+    """pwrite into the data file of an open file; returns the bytes written. Large writes run in a
+    worker thread (CacheFiles.write): the caller keeps one file's writes in order (fs.write)."""
     _intent(ns, ino)
-    written = cache.write(ino, offset, data)
+    written = await cache.write(ino, offset, data)
     crash_point("write")
     ns.note_write(ino, offset, data if written == len(data) else data[:written])
     return written

@@ -17,11 +17,19 @@ import errno
 import json
 import os
 import time
+from typing import TYPE_CHECKING
 
 import trio
 
 from gateway.errors import FsError
 from gateway.namespace import ROOT_INODE
+
+if TYPE_CHECKING:  # annotations only: gateway.daemon imports this module
+    from gateway.cluster import Cluster
+    from gateway.daemon import BackgroundErrors
+    from gateway.fs import Operations
+    from gateway.reader import Reader
+    from gateway.space import SpaceGuard
 
 DRAIN_STATUS_FILE = "drain-status.json"
 
@@ -34,10 +42,11 @@ class Control:
         self.journal = journal
         self.config = config
         self.started_at = started_at or time.time()
-        self.ops = None  # gateway.fs.Operations, for op counters
-        self.backpressure = None  # gateway.space.SpaceGuard when a cache size is enforced
-        self.reader = None  # gateway.reader.Reader: bytes fetched from the bucket
-        self.background = None  # gateway.daemon.BackgroundErrors: errors that escaped a background task
+        self.ops: Operations | None = None  # for op counters
+        self.backpressure: SpaceGuard | None = None  # when a cache size is enforced
+        self.reader: Reader | None = None  # bytes fetched from the bucket
+        self.cluster: Cluster | None = None  # with --cluster
+        self.background: BackgroundErrors | None = None  # errors that escaped a background task
 
     async def commit_durable(self) -> None:
         """Make every journal commit so far survive power loss (fsync, fsyncdir)."""
@@ -46,6 +55,8 @@ class Control:
     def get_xattr(self, ino: int, name: bytes) -> bytes:
         if name == b"user.ckptfs.state":
             return self.state_of(ino).encode()
+        if name == b"user.ckptfs.node_state":
+            return self.node_state_of(ino).encode()
         if name == b"user.ckptfs.key":
             path = self.ns.path_of(ino)
             if path is None:
@@ -64,6 +75,17 @@ class Control:
         return f"{self.config.prefix}/{path}" if self.config.prefix else path
 
     def state_of(self, ino: int) -> str:
+        """Cluster-wide for a directory: not durable while a commit of it (or below) that this
+        node knows of is incomplete, whatever this node's own files say."""
+        state = self.node_state_of(ino)
+        if state == "durable" and self.cluster is not None and self.ns.getattr(ino).is_dir:
+            path = self.ns.path_of(ino)
+            if path is not None and self.cluster.blocks_durable(path):
+                return "pending"
+        return state
+
+    def node_state_of(self, ino: int) -> str:
+        """This node's own view: its files and directories only."""
         attr = self.ns.getattr(ino)
         if attr.is_dir:
             return "pending" if self._subtree_pending(ino) else "durable"
@@ -132,6 +154,8 @@ class Control:
             status["fetch_errors_total"] = self.reader.errors
         if self.ops is not None:
             status["fuse_ops_total"] = dict(self.ops.op_counts)
+        if self.cluster is not None:
+            status["cluster"] = self.cluster.status()
         return status
 
     async def publish_status(self, path: str, interval_s: float = 0.2) -> None:

@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import pyfuse3
 import trio
@@ -32,12 +32,19 @@ from gateway.journal import Journal
 from gateway.listing import BucketListing
 from gateway.namespace import Namespace
 from gateway.reader import Reader
+from gateway.remote_ns import forget_kernel_entry
 from gateway.retry import retrying
 from gateway.space import SpaceGuard
 from gateway.store import Store
 
 log = logging.getLogger(__name__)
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+M_TRIM_THRESHOLD = -1  # glibc mallopt parameters
+M_MMAP_THRESHOLD = -3
+# Just above one FUSE write request (1 MiB of data plus its header): those buffers are reused from
+# the heap; upload parts (>= 5 MiB) stay mmap'd. Larger values (4 MiB / 8 MiB) cost ~100 MiB of
+# peak RSS while draining 4 GiB (docs/PERFORMANCE.md).
+MMAP_THRESHOLD_BYTES = 2 << 20
+TRIM_THRESHOLD_BYTES = 2 << 20
 RESTART_S = 1.0  # pause before a background service that failed is started again
 MOUNT_ATTEMPTS = 4  # bucket check and listing at mount: ~3.5 s of retries before a one-line error
 
@@ -113,11 +120,26 @@ async def _serve_locked(config: Config, journal: Journal, on_ready: Callable[[],
     async with Store(config.bucket, config.prefix, endpoint_url=config.endpoint_url, region=config.region,
                      max_connections=config.upload_concurrency + 8) as store:
         await _at_mount(f"cannot use s3://{config.bucket}", store.check_bucket, timeout_s=30)
-        listing = BucketListing(ns, store, config.metadata_ttl_s)
+        listing = BucketListing(ns, store, config.metadata_ttl_s, follow_bucket=config.cluster,
+                                on_stale_entry=forget_kernel_entry)
+        cluster = _cluster(config, ns, store, journal, listing)
+        if cluster is not None:  # our lease exists before any write of ours: commits wait for us
+            await _at_mount(f"cannot register in s3://{config.bucket}/{config.prefix}", cluster.register,
+                            timeout_s=60)
+        # one node: objects the journal has but the bucket lacks are uploaded again (a power loss
+        # undid a delete); several nodes: the bucket is the truth (another node deleted them)
         await _at_mount(f"cannot list s3://{config.bucket}/{config.prefix}",
-                        lambda: listing.sync_once(reconcile=True), timeout_s=300)
-        drain = Drain(ns, cache, store, journal, config)
+                        lambda: listing.sync_once(reconcile=not config.cluster), timeout_s=300)
+        drain = Drain(ns, cache, store, journal, config, gate=cluster)  # sets cluster.wake = drain.wake
         control = Control(ns, cache, drain, journal, config)
+        control.cluster = cluster
+        if cluster is not None:
+            wake_drain, poke_cluster = ns.on_change, cluster.poke
+
+            def wake_drain_and_cluster() -> None:
+                wake_drain()
+                poke_cluster()
+            ns.on_change = wake_drain_and_cluster
         space = SpaceGuard(ns, cache, drain, limit_bytes=cache_size_bytes(config, _disk_bytes(cache)),
                            high=config.cache_high_watermark, low=config.cache_low_watermark,
                            timeout_s=config.backpressure_timeout_s)
@@ -131,7 +153,10 @@ async def _serve_locked(config: Config, journal: Journal, on_ready: Callable[[],
             control.ops = ops
             control.reader = reader
             fetch_nursery.start_soon(supervised, "bucket listing", listing.run, errors)
-            await _run_mounted(config, ops, drain, on_ready, errors)
+            if cluster is not None:
+                ops.remote_lookup = cluster.lookup_remote
+                await fetch_nursery.start(supervised, "cluster", cluster.run, errors)
+            await _run_mounted(config, ops, drain, on_ready, errors, cluster)
             fetch_nursery.cancel_scope.cancel()
 
 
@@ -169,6 +194,19 @@ async def supervised(name: str, service, errors: BackgroundErrors, *, task_statu
         await trio.sleep(RESTART_S)
 
 
+def _cluster(config: Config, ns: Namespace, store: Store, journal: Journal, listing: BucketListing):
+    """The cluster service when several nodes share the prefix (--cluster), else None."""
+    if not config.cluster:
+        return None
+    from gateway.cluster import Cluster
+    from gateway.remote_ns import RemoteNamespace
+
+    cluster = Cluster(ns, store, journal, config, listing=listing)
+    cluster.namespace = RemoteNamespace(ns, store, cluster.node)
+    log.info("cluster mode: node %s", cluster.member)
+    return cluster
+
+
 async def _at_mount(what: str, call, *, timeout_s: float, attempts: int = MOUNT_ATTEMPTS) -> None:
     """A request the mount depends on: transient errors are retried a few times, then one line."""
     try:
@@ -184,7 +222,7 @@ def _disk_bytes(cache: CacheFiles) -> int:
 
 
 async def _run_mounted(config: Config, ops: Operations, drain: Drain, on_ready: Callable[[], None],
-                       errors: BackgroundErrors) -> None:
+                       errors: BackgroundErrors, cluster=None) -> None:
     no_drain = {"set": config.no_drain}
     try:
         pyfuse3.init(ops, config.mountpoint, mount_options(config))
@@ -206,20 +244,24 @@ async def _run_mounted(config: Config, ops: Operations, drain: Drain, on_ready: 
         if not no_drain["set"]:
             async with trio.open_nursery() as progress:  # `ckptfs unmount` shows it
                 progress.start_soon(ops.control.publish_status, str(Path(config.cache_dir) / DRAIN_STATUS_FILE))
-                await _drain_before_exit(drain, config.drain_timeout_s)
+                drained = await _drain_before_exit(drain, config.drain_timeout_s)
                 progress.cancel_scope.cancel()
+            if drained and cluster is not None:
+                await cluster.retire()  # everything of ours is durable: commits need not wait for us
         drain.stop()
         nursery.cancel_scope.cancel()
 
 
-async def _drain_before_exit(drain: Drain, timeout_s: float) -> None:
+async def _drain_before_exit(drain: Drain, timeout_s: float) -> bool:
     log.info("unmounted; draining pending uploads for up to %.0fs", timeout_s)
     if await drain.wait_idle(timeout_s):
         log.info("everything is durable")
+        return True
     else:
         v = drain.view
         log.warning("drain timeout: %d files (%d bytes) stay pending in the journal for the next mount",
                     v.dirty_files + v.queued_files + v.uploading_files, v.dirty_bytes)
+        return False
 
 
 async def _watch_signals(no_drain: dict) -> None:
@@ -265,10 +307,15 @@ def pin_mmap_threshold() -> None:
 
     glibc raises its mmap threshold after large frees, after which 16 MiB part buffers come from the
     heap and stay there: peak RSS while draining 4 GiB was 455 MiB, 230 MiB with the threshold
-    pinned at 1 MiB (docs/PERFORMANCE.md, bench_rss).
+    pinned at 1 MiB (docs/PERFORMANCE.md, bench_rss). Pinned at 2 MiB, with the heap trimmed only
+    above 2 MiB free, the 1 MiB buffer pyfuse3 copies each write request into is reused from the
+    heap instead of being mmap'd, page-faulted and unmapped per request (most of the FUSE thread's
+    CPU time per GiB written).
     """
     try:
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
     except (OSError, AttributeError):
         log.debug("mallopt not available; RSS may stay higher after large uploads")
 

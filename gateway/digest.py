@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import zlib
+from collections.abc import Iterator
 
 import xxhash
 
@@ -42,7 +44,7 @@ def read_range(path: str, offset: int, length: int) -> bytes:
     return data
 
 
-def crc32_b64(data: bytes) -> str:
+def crc32_b64(data: bytes | memoryview) -> str:
     """The S3 `x-amz-checksum-crc32` value of `data`."""
     return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
 
@@ -52,3 +54,68 @@ def read_range_sums(path: str, offset: int, length: int) -> tuple[bytes, str, st
     off the event loop: botocore would compute both on the loop, ~70 ms per 16 MiB part."""
     data = read_range(path, offset, length)
     return data, crc32_b64(data), hashlib.sha256(data).hexdigest()
+
+
+def read_into(path: str, offset: int, buf: memoryview) -> None:
+    """Fill `buf` with the bytes at `offset` of `path`, read straight into it (EOFError if shorter)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        got = 0
+        while got < len(buf):
+            n = os.preadv(fd, [buf[got:]], offset + got)
+            if n == 0:
+                raise EOFError(f"{path}: wanted {len(buf)} bytes at {offset}, got {got}")
+            got += n
+    finally:
+        os.close(fd)
+
+
+def read_into_sums(path: str, offset: int, buf: memoryview) -> tuple[str, str]:
+    """`read_into`, then the CRC32 and SHA-256 of `buf`: one pass over reused memory, in a thread."""
+    read_into(path, offset, buf)
+    return crc32_b64(buf), hashlib.sha256(buf).hexdigest()
+
+
+class PartBuffers:
+    """Part buffers reused across uploads, so a part costs no fresh allocation (mmap, page faults).
+
+        with buffers.lease(length) as view:   # a memoryview of `length` bytes
+            crc, sha = await trio.to_thread.run_sync(read_into_sums, path, offset, view)
+            await store.upload_part(key, upload_id, number, view, crc, sha)
+
+    A buffer goes back to the pool only if nothing still refers to it (no memoryview of it is
+    alive: a bytearray with exports cannot be resized), and at most `keep` idle ones are kept.
+    """
+
+    def __init__(self, size: int, keep: int):
+        self.size = size
+        self.keep = keep
+        self._idle: list[bytearray] = []
+        self.allocated = 0
+
+    @contextlib.contextmanager
+    def lease(self, length: int) -> Iterator[memoryview]:
+        if length > self.size:
+            raise ValueError(f"part of {length} bytes is larger than the buffers ({self.size})")
+        buf = self._idle.pop() if self._idle else self._new()
+        view = memoryview(buf)[:length]
+        try:
+            yield view
+        finally:
+            view.release()
+            if len(self._idle) < self.keep and _unreferenced(buf):
+                self._idle.append(buf)
+
+    def _new(self) -> bytearray:
+        self.allocated += 1
+        return bytearray(self.size)
+
+
+def _unreferenced(buf: bytearray) -> bool:
+    """No memoryview of `buf` is alive (resizing is refused while one is)."""
+    try:
+        buf.append(0)
+    except BufferError:
+        return False
+    del buf[-1]
+    return True

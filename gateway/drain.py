@@ -47,6 +47,7 @@ VIEW_MAX_AGE_S = 0.1
 OLD_SCOPE_GRACE_S = 3.0   # an older checkpoint retention keeps this long is uploaded, too
 LAST: scheduler.Priority = (3, 0, 0)
 KEEP_XATTR = b"user.ckptfs.keep"
+LINEAGE_CACHE_MAX = 100_000
 
 
 class CommitGate(Protocol):
@@ -75,6 +76,7 @@ class Selection:
     """The scheduler's state carried between passes (gateway/scheduler.py, rule 2)."""
 
     selected: int | None = None
+    started: bool = False        # a job of the selected scope was started: it keeps its rank
     prefer_old: bool = False
     newest_durable_seq: int | None = None
     superseded_since: dict[int, float] = dataclasses.field(default_factory=dict)
@@ -112,6 +114,8 @@ class Drain:
         self._wake = trio.Event()
         self._stopping = False
         self._synced_changes = -1
+        self._lineages: dict[tuple[int, int], tuple[str, tuple[int, ...], bool] | None] = {}
+        self._lineages_at = -1
         self.started_at = time.time()
         ns.on_change = self.wake
         ns.on_removed = self.cancel
@@ -219,12 +223,14 @@ class Drain:
         rows = self._rows(now)
         sel = self.selection
         plan = scheduler.plan(
-            rows, self._rename_scopes(), self.rules, selected=sel.selected, prefer_old=sel.prefer_old,
+            rows, self._rename_scopes(), self.rules, selected=sel.selected, started=sel.started,
+            prefer_old=sel.prefer_old,
             newest_durable_seq=sel.newest_durable_seq, old_ok=self._old_ok(now), pinned=self._pinned(),
             room=max(0, self.max_jobs - len(self.jobs)), gate=self.gate.may_publish)
         self._remember(plan, now)
         for ino in plan.start:
             self._start(nursery, ino)
+        sel.started = sel.started or any(plan.priority[ino][0] == 0 for ino in plan.start)
         self.publisher.reprioritize()
 
     def _rows(self, now: float) -> list[scheduler.Row]:
@@ -233,12 +239,12 @@ class Drain:
         for ino, mode, nlink, ready_seq, changed_at, changed_gen, published in self.journal.all(
                 "SELECT id, mode, nlink, ready_seq, changed_at, changed_gen, "
                 "EXISTS (SELECT 1 FROM objects o WHERE o.inode = inodes.id) FROM inodes WHERE durable=0 AND nlink>0"):
-            lineage = self._lineage(ino) if nlink == 1 or stat.S_ISDIR(mode) else self._link_lineage(ino)
+            lineage = self._cached_lineage(ino, mode, nlink)
             if ino == ROOT_INODE or lineage is None:
                 self.journal.execute("UPDATE inodes SET durable=1 WHERE id=?", (ino,))
                 continue
-            path, ancestors = lineage
-            held = self.held(path, changed_at, now)
+            path, ancestors, temporary = lineage
+            held = temporary and now - changed_at < self.config.hold_limit_s
             if held and published:
                 self._release_old_names(ino, mode, changed_gen)
             startable = (ready_seq is not None and not held and changed_at <= quiet_since
@@ -246,6 +252,18 @@ class Drain:
                          and self.not_before.get(ino, 0) <= now)
             rows.append(scheduler.Row(ino, path, ancestors, ready_seq, stat.S_ISDIR(mode), held, startable))
         return rows
+
+    def _cached_lineage(self, ino: int, mode: int, nlink: int) -> tuple[str, tuple[int, ...], bool] | None:
+        """Path, ancestors and whether the name is temporary, computed once per inode until names
+        change (a pass over thousands of pending files must not walk every path again)."""
+        if self._lineages_at != self.ns.renames or len(self._lineages) > LINEAGE_CACHE_MAX:
+            self._lineages.clear()
+            self._lineages_at = self.ns.renames
+        key = (ino, nlink)
+        if key not in self._lineages:
+            lineage = self._lineage(ino) if nlink == 1 or stat.S_ISDIR(mode) else self._link_lineage(ino)
+            self._lineages[key] = None if lineage is None else (*lineage, self.rules.is_held(lineage[0]))
+        return self._lineages[key]
 
     def _lineage(self, ino: int) -> tuple[str, tuple[int, ...]] | None:
         """The inode's path and its directories from the parent up to the root; None if unlinked."""
@@ -302,7 +320,10 @@ class Drain:
             if self._finished_in_place(scope):
                 sel.newest_durable_seq = max(sel.newest_durable_seq or 0, scope.committed_seq)
                 self.counters.newest_durable_scope_at = now
-                log.log(logging.INFO if scope.by_marker else logging.DEBUG, "checkpoint %s is durable", scope.path or "/")
+                log.log(logging.INFO if scope.by_marker else logging.DEBUG, "checkpoint %s is durable",
+                        scope.path or "/")
+        if plan.selected != sel.selected:
+            sel.started = False
         sel.selected, sel.prefer_old, sel.last_plan = plan.selected, plan.prefer_old, plan
         floor = sel.newest_durable_seq if sel.newest_durable_seq is not None else -1
         sel.superseded_since = {root: sel.superseded_since.get(root, now) for root, scope in plan.scopes.items()
@@ -373,7 +394,7 @@ class Drain:
         plan = self.selection.last_plan
         if plan is None:
             return []
-        out = []
+        out: list[dict] = []
         for ino, deps in plan.waiting.items():
             if self.rules.is_marker(self.ns.path_of(ino) or ""):
                 out.append({"marker": self.ns.path_of(ino), "waiting_for_local_files": len(deps),

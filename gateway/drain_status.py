@@ -41,7 +41,7 @@ class PendingView:
     durable_through_gen: int = 0
 
 
-def pending_view(drain: "Drain") -> PendingView:
+def pending_view(drain: Drain) -> PendingView:
     ns = drain.ns
     view = PendingView(durable_through_gen=ns.gen)
     for row in drain.journal.all(f"SELECT {INODE_COLUMNS} FROM inodes WHERE durable=0 AND nlink>0"):

@@ -14,12 +14,13 @@ import itertools
 import logging
 import os
 import stat
-from typing import Callable
+from collections.abc import Callable
 
 import pyfuse3
+import trio
 
 from gateway import content
-from gateway.cache import CacheFiles, is_disk_full
+from gateway.cache import THREADED_WRITE_BYTES, CacheFiles, is_disk_full
 from gateway.errors import FsError, JournalError
 from gateway.namespace import Attr, Namespace, is_local_only
 
@@ -67,7 +68,7 @@ def fuse_errors(handler: Callable) -> Callable:
 
 
 class Handle:
-    __slots__ = ("ino", "writable", "append")
+    __slots__ = ("append", "ino", "writable")
 
     def __init__(self, ino: int, writable: bool, append: bool):
         self.ino = ino
@@ -89,8 +90,12 @@ class Operations(pyfuse3.Operations):
         self.reader = reader  # fills data files of evicted or remote-only files (gateway/reader.py)
         self.space = space    # cache size: eviction and writer backpressure (gateway/space.py)
         self.handles: dict[int, Handle] = {}
+        # With --cluster: async (parent, name) -> bool, one bounded look at the bucket after a miss
+        # (the one network wait a FUSE request may make: another node may have made the name).
+        self.remote_lookup = None
         self._fh_counter = itertools.count(1)
         self.op_counts: dict[str, int] = {}
+        self._write_locks: dict[int, trio.Lock] = {}  # inodes with a write in a worker thread
 
     def check_writable(self) -> None:
         if self.ns.journal.failed:
@@ -123,6 +128,13 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def lookup(self, parent_inode, name, ctx=None):
+        try:
+            return self._entry_remembered(self.ns.lookup(parent_inode, name))
+        except FsError as exc:
+            if exc.errno != errno.ENOENT or self.remote_lookup is None or name in (b".", b".."):
+                raise
+            if not await self.remote_lookup(parent_inode, name):
+                raise
         return self._entry_remembered(self.ns.lookup(parent_inode, name))
 
     async def forget(self, inode_list):
@@ -262,8 +274,8 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
         attr = self.ns.create(parent_inode, name, stat.S_IFREG | (mode & ~ctx.umask & 0o7777), ctx.uid, ctx.gid)
-        self.cache.truncate(attr.id, 0)
         info = self._open_handle(attr.id, flags)
+        self.cache.truncate(attr.id, 0)  # a stale data file (crash) would otherwise show through
         return info, self._entry_remembered(attr)
 
     @fuse_errors
@@ -304,10 +316,27 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def write(self, fh, off, buf):
-        handle = self.handles[fh]
+        ino = self.handles[fh].ino
+        lock = self._write_locks.get(ino)
+        if lock is None and len(buf) < THREADED_WRITE_BYTES and not self._must_wait_for_room(len(buf)):
+            return await self._write_in_order(ino, off, buf)  # no await inside: already in order
+        if lock is None:
+            lock = self._write_locks[ino] = trio.Lock()
+        try:
+            async with lock:  # FIFO: one file's writes land (and are hashed) in the order they came
+                return await self._write_in_order(ino, off, buf)
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._write_locks.pop(ino, None)
+
+    def _must_wait_for_room(self, nbytes: int) -> bool:
+        return self.space is not None and not self.space.fits(nbytes)
+
+    async def _write_in_order(self, ino: int, off: int, buf: bytes) -> int:
+        """Room in the cache, then the intent, the data file, and size and digest (gateway/content.py)."""
         if self.space is not None:
             await self.space.reserve(len(buf))
-        return content.write(self.ns, self.cache, handle.ino, off, buf)
+        return await content.write(self.ns, self.cache, ino, off, buf)
 
     @fuse_errors
     async def flush(self, fh):

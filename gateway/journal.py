@@ -170,7 +170,7 @@ class Journal:
                       "unmounted, space is freed and it is mounted again; reads go on", self.path, self.failed)
         raise JournalError(self.failed) from exc
 
-    def transaction(self) -> "_Transaction":
+    def transaction(self) -> _Transaction:
         return _Transaction(self)
 
     def get_meta(self, name: str, default=None):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import trio
 
@@ -38,10 +39,17 @@ def key_components(key: str) -> list[str] | None:
 class BucketListing:
     """Merges listings of the prefix into the namespace (`sync_once`, `run`)."""
 
-    def __init__(self, ns: Namespace, store: Store, ttl_s: float):
+    def __init__(self, ns: Namespace, store: Store, ttl_s: float, *, follow_bucket: bool = False,
+                 on_stale_entry: Callable[[int, bytes], None] = lambda parent, name: None):
         self.ns = ns
         self.store = store
         self.ttl_s = ttl_s
+        # Several nodes (--cluster): files this node only knows from the bucket follow the bucket:
+        # dropped when another node deleted the object, replaced when it overwrote it.
+        self.follow_bucket = follow_bucket
+        self.on_stale_entry = on_stale_entry  # the kernel must forget a cached name
+        self.dropped = 0
+        self.refreshed = 0
         self.warned: set[str] = set()
         self.last_sync_at: float | None = None
         self.adopted = 0
@@ -51,22 +59,63 @@ class BucketListing:
 
         With `reconcile` (at mount, before the drain starts), objects the journal records but the
         bucket lacks are found too (see `_forget_missing`)."""
-        known = {r[0] for r in self.ns.journal.all("SELECT key FROM objects")}
-        listed: set[str] = set()
+        known = dict(self.ns.journal.all("SELECT key, etag FROM objects"))
+        listed: dict[str, dict] = {}
         added = 0
         async for item in self.store.list_objects(""):
             key = self.store.relative_key(item["Key"])
-            listed.add(key)
+            listed[key] = item
             if key in known:
                 continue
             added += self._adopt(key, item)
         if reconcile:
-            self._forget_missing(known - listed)
+            self._forget_missing(set(known) - set(listed))
+        elif self.follow_bucket:
+            self._follow(known, listed)
         self.last_sync_at = time.time()
         self.adopted += added
         if added:
             log.info("bucket listing: %d entries from the bucket added to the namespace", added)
         return added
+
+    def adopt_key(self, key: str, item: dict) -> int:
+        """Add one key found in the bucket (by a lookup or a cluster commit) unless it is known."""
+        if self.ns.journal.one("SELECT 1 FROM objects WHERE key=? AND inode IS NOT NULL", (key,)):
+            return 0
+        return self._adopt(key, item)
+
+    def _follow(self, known: dict[str, str], listed: dict[str, dict]) -> None:
+        """Clean files whose object vanished or changed in the bucket (another node deleted or
+        overwrote it) follow the bucket. `known` was read before the listing started, so an upload
+        that finished meanwhile is never mistaken for a deletion."""
+        for key, etag in known.items():
+            if key.endswith("/") or key.split("/", 1)[0] == PRIVATE_DIR:
+                continue
+            row = self.ns.journal.one("SELECT inode, etag FROM objects WHERE key=?", (key,))
+            if row is None or row[0] is None or row[1] != etag or etag is None:
+                continue  # stale, or changed by this node meanwhile
+            ino = row[0]
+            attr = self.ns.getattr(ino)
+            if not attr.durable or attr.content_dirty or ino in self.ns.open or self.ns.path_of(ino) != key:
+                continue
+            item = listed.get(key)
+            if item is not None and not etag:
+                self.ns.journal.execute("UPDATE objects SET etag=? WHERE key=?", (item.get("ETag", ""), key))
+                continue
+            if item is not None and item.get("ETag") == etag:
+                continue
+            # Deleted, or overwritten: an overwrite shows as a new file under the name (a new
+            # inode: with the writeback cache the kernel keeps its own size of a known inode).
+            parent, name = self.ns.entry_of[ino]
+            self.ns.forget_remote(ino, key)
+            if item is None:
+                self.dropped += 1
+                log.info("%s was deleted from the bucket (by another node): dropped here", key)
+            else:
+                self._adopt(key, item)
+                self.refreshed += 1
+                log.info("%s was overwritten in the bucket (by another node): replaced here", key)
+            self.on_stale_entry(parent, name)
 
     def _adopt(self, key: str, item: dict) -> int:
         parts = key_components(key)

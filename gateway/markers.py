@@ -121,7 +121,7 @@ class _Inert:
         else:
             self.__dict__["_state"] = state
 
-    def __call__(self, *args: Any, **kwargs: Any) -> "_Inert":  # a named function being applied
+    def __call__(self, *args: Any, **kwargs: Any) -> _Inert:  # a named function being applied
         return _Inert(*args)
 
     def __reduce__(self):  # never written back

@@ -8,7 +8,8 @@ counters and nothing here touches its state. Served by prometheus_client on its 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -42,7 +43,8 @@ METRICS: dict[str, tuple[str, str, str]] = {
                              "Age of the newest write that is durable in the bucket"),
     "newest_durable_checkpoint_age_s": ("ckptfs_newest_durable_checkpoint_age_seconds", "gauge",
                                         "Seconds since a checkpoint last became durable (since the mount if none has)"),
-    "backpressure_seconds_total": ("ckptfs_backpressure_seconds", "counter", "Time writers were blocked on a full cache"),
+    "backpressure_seconds_total": ("ckptfs_backpressure_seconds", "counter",
+                                   "Time writers were blocked on a full cache"),
     "cache_used_bytes": ("ckptfs_cache_used_bytes", "gauge", "Bytes used in the local cache"),
     "evictions_total": ("ckptfs_evictions", "counter", "Clean files evicted from the cache"),
     "backpressure_waits_total": ("ckptfs_backpressure_waits", "counter", "Writes that waited for cache space"),
@@ -93,8 +95,8 @@ class StatsCollector(Collector):
                 value = DEFAULTS.get(key)
             if value is None:
                 continue
-            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
-            yield family(name, doc, value=float(value))
+            metric_class = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            yield metric_class(name, doc, value=float(value))
         ops = stats.get("fuse_ops_total")
         if ops:
             family = CounterMetricFamily("ckptfs_fuse_ops", "FUSE requests by operation", labels=["op"])

@@ -19,7 +19,7 @@ import importlib
 import os
 import sys
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from gateway.config import LIST_OPTIONS, Config, env_name
 
@@ -50,7 +50,7 @@ def mount_flags() -> dict[str, str] | None:
         return None
     subparsers = argparse.ArgumentParser().add_subparsers()
     module.register(subparsers)
-    flags = {}
+    flags: dict[str, str] = {}
     for action in subparsers.choices["mount"]._actions:
         longs = [o for o in action.option_strings if o.startswith("--")]
         if longs and not isinstance(action, argparse._AppendAction):
@@ -60,7 +60,7 @@ def mount_flags() -> dict[str, str] | None:
 
 def parse_args(argv: list[str]) -> tuple[list[str], list[str], set[str]]:
     """mount's calling convention -> (positionals, options, single-letter switches)."""
-    positionals, options, switches = [], [], set()
+    positionals, options, switches = [], [], set[str]()
     args = iter(argv)
     for arg in args:
         if arg == "-o":

@@ -12,7 +12,7 @@ import errno
 import logging
 import stat
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import xxhash
 
@@ -81,7 +81,8 @@ class OpenState:
     size: int | None = None   # current size while writes are pending in memory
     mtime_ns: int | None = None
     written: bool = False     # written since the journal last recorded size and mtime
-    hasher: object = None     # xxh3-128 of the content, while it is written strictly sequentially from 0
+    recorded: bool = False    # the journal holds `size` and `mtime_ns` (flushed, nothing since)
+    hasher: xxhash.xxh3_128 | None = None  # xxh3-128 of the content, while it is written strictly sequentially from 0
     hashed: int = 0           # bytes fed to `hasher`
 
 
@@ -109,11 +110,14 @@ class Namespace:
         self.on_purge = on_purge
         self.on_change: Callable[[], None] = lambda: None
         self.on_removed: Callable[[int], None] = lambda ino: None  # a name was removed: cancel its uploads
+        # Directory changes other nodes must see (op, path, new path): gateway/remote_ns.py in cluster mode.
+        self.on_event: Callable[[str, str, str | None], None] | None = None
         self.lookups: dict[int, int] = {}
         self.open: dict[int, OpenState] = {}
         # inode -> its names (parent, name), oldest first; the first is the canonical one (path_of),
         # also kept in entry_of: inode -> canonical (parent, name)
         self.names_of: dict[int, list[tuple[int, bytes]]] = {}
+        self.renames = 0  # bumped whenever an existing inode's names change (rename, link, unlink)
         self.entry_of: dict[int, tuple[int, bytes]] = {}
         self.written_digests: dict[int, tuple[str, int]] = {}  # inode -> (xxh3, size) hashed while written
         self.purge_listeners: list[Callable[[int], None]] = []  # per-inode state elsewhere, dropped on purge
@@ -274,6 +278,7 @@ class Namespace:
                  int(not local_only), int(local_only), ready, gen, time.time()),
             )
             ino = cur.lastrowid
+            assert ino is not None  # set by the INSERT above
             self.journal.execute(
                 "INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)", (parent, name, ino)
             )
@@ -283,6 +288,8 @@ class Namespace:
         self.names_of[ino] = [(parent, name)]
         self._names_changed(ino)
         self.on_change()
+        if is_dir and self.on_event is not None:
+            self.on_event("mkdir", self.path_of(ino) or "", None)
         return self.getattr(ino)
 
     def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
@@ -330,8 +337,26 @@ class Namespace:
             raise FsError(errno.ENOTDIR)
         if self.has_children(ino):
             raise FsError(errno.ENOTEMPTY)
+        path = self.path_of(ino) if self.on_event is not None else None
         self._remove_entry(parent, name, ino)
+        if path is not None and self.on_event is not None:
+            self.on_event("rmdir", path, None)
         return ino
+
+    def remove_tree(self, ino: int) -> int:
+        """Drop a directory and everything below it (another node deleted it); returns names removed."""
+        removed = 0
+        for _, name, child in self.readdir(ino, 0, limit=1 << 30):
+            if self.getattr(child).is_dir:
+                removed += self.remove_tree(child)
+            else:
+                self._remove_entry(ino, bytes(name), child)
+                removed += 1
+        entry = self.entry_of.get(ino)
+        if entry is not None and ino != ROOT_INODE:
+            self._remove_entry(entry[0], entry[1], ino)
+            removed += 1
+        return removed
 
     def _existing_child(self, parent: int, name: bytes) -> int:
         if name in (b".", b".."):
@@ -394,6 +419,8 @@ class Namespace:
 
     def _names_changed(self, ino: int) -> None:
         """Keep `entry_of` (the canonical name of each inode) in step with `names_of`."""
+        if ino in self.entry_of:
+            self.renames += 1  # an existing inode's names changed: paths below it may have too
         names = self.names_of.get(ino)
         if names:
             self.entry_of[ino] = names[0]
@@ -421,12 +448,14 @@ class Namespace:
         if exchange:
             if target is None:
                 raise FsError(errno.ENOENT)
-            return self._exchange(old_parent, old_name, ino, new_parent, new_name, target)
+            self._exchange(old_parent, old_name, ino, new_parent, new_name, target)
+            return None
         if target == ino:
             return None
         target_attr = None if target is None else self.getattr(target)
         if target_attr is not None:
             self._check_replace(moving, target_attr)
+        old_path = self.path_of(ino) if moving.is_dir and self.on_event is not None else None
         t = now_ns()
         gen = self._next_gen()
         with self.journal.transaction():
@@ -448,6 +477,8 @@ class Namespace:
         if target is not None:
             self._forget_name(target, new_parent, new_name)
         self.on_change()
+        if old_path is not None and self.on_event is not None:
+            self.on_event("rename", old_path, self.path_of(ino) or "")
         return target
 
     def _rename_name(self, ino: int, old: tuple[int, bytes], new: tuple[int, bytes]) -> None:
@@ -512,7 +543,7 @@ class Namespace:
             params.append(size)
         self.journal.execute(f"UPDATE inodes SET {', '.join(sets)} WHERE id=?", (*params, ino))
         state = self.open.get(ino)
-        if state is not None:
+        if state is not None:  # the UPDATE above wrote what it changes: `recorded` stays true
             if size is not None:
                 state.size = size
                 state.hasher = None if size else xxhash.xxh3_128()  # truncated to 0: hash anew
@@ -555,6 +586,7 @@ class Namespace:
         self._hash_write(state, current, offset, data)
         state.size = max(current, offset + len(data))
         state.mtime_ns = now_ns()
+        state.recorded = False
 
     @staticmethod
     def _hash_write(state: OpenState, size_before: int, offset: int, data: bytes) -> None:
@@ -573,12 +605,13 @@ class Namespace:
     def record_size(self, ino: int) -> None:
         """Write the in-memory size and mtime of an open file to the journal (flush, fsync, close)."""
         state = self.open.get(ino)
-        if state is None or state.size is None:
+        if state is None or state.size is None or state.recorded:
             return
         self.journal.execute(
             "UPDATE inodes SET size=?, mtime_ns=coalesce(?, mtime_ns), changed_at=? WHERE id=?",
             (state.size, state.mtime_ns, time.time(), ino),
         )
+        state.recorded = True
 
     def mark_ready(self, ino: int) -> None:
         """The file was closed after a change: give it its place in the commit order."""
@@ -644,12 +677,13 @@ class Namespace:
         if writable:
             state.writers -= 1
             if state.writers == 0 and state.written:
-                self.record_size(ino)
-                state.written = False
-                if state.hasher is not None and state.hashed == state.size:
-                    self.written_digests[ino] = (state.hasher.hexdigest(), state.hashed)
-                state.hasher = None
-                self.mark_ready(ino)
+                with self.journal.transaction():  # one commit for both
+                    self.record_size(ino)
+                    state.written = False
+                    if state.hasher is not None and state.hashed == state.size:
+                        self.written_digests[ino] = (state.hasher.hexdigest(), state.hashed)
+                    state.hasher = None
+                    self.mark_ready(ino)
             elif state.writers == 0 and self.getattr(ino).ready_seq is None:
                 self.mark_ready(ino)
         if state.handles == 0:
@@ -711,6 +745,7 @@ class Namespace:
                 (mode, self.owner[0], self.owner[1], size, t, t, t, 2 if is_dir else 1, 1 if is_dir else 0),
             )
             ino = cur.lastrowid
+            assert ino is not None  # set by the INSERT above
             self.journal.execute("INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)", (parent, name, ino))
             if is_dir:
                 self._add_subdirs(parent, 1)
@@ -721,6 +756,15 @@ class Namespace:
         self.names_of[ino] = [(parent, name)]
         self._names_changed(ino)
         return ino
+
+    def forget_remote(self, ino: int, key: str) -> None:
+        """The object of a clean file vanished from the bucket (another node deleted it): drop the
+        name here without deleting anything in the bucket."""
+        entry = self.entry_of.get(ino)
+        if entry is None:
+            return
+        self._remove_entry(entry[0], entry[1], ino)
+        self.journal.execute("DELETE FROM objects WHERE key=? AND inode IS NULL", (key,))
 
     def set_cached(self, ino: int, cached: bool, *, size: int | None = None) -> None:
         self.journal.execute("UPDATE inodes SET cached=?, size=coalesce(?, size) WHERE id=?",

@@ -10,7 +10,7 @@ comes back from the listing).
 from __future__ import annotations
 
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 from gateway.journal import Journal
 from gateway.namespace import Namespace

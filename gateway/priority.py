@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import trio
 
@@ -38,7 +39,7 @@ class PriorityLimiter:
             self.free -= 1
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
-        entry = [priority(), next(self._order), trio.Event(), priority]
+        entry: list[Any] = [priority(), next(self._order), trio.Event(), priority]
         heapq.heappush(self._waiters, entry)
         try:
             await entry[2].wait()

@@ -8,9 +8,12 @@ bytes and files left, its drain rate, and the time left at that rate.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.cmd_status import human_bytes
+
+if TYPE_CHECKING:  # rich is imported only on a terminal
+    from rich.progress import Progress
 
 
 def eta(bytes_left: int, rate_bps: float) -> str:
@@ -35,11 +38,11 @@ class DrainProgress:
         self.stream = stream or sys.stderr
         self.enabled = not quiet and _is_terminal(self.stream)
         self.label = label
-        self._progress = None
-        self._task = None
+        self._progress: Progress | None = None
+        self._task: Any = None  # rich's TaskID once started
         self._start_uploaded: int | None = None
 
-    def __enter__(self) -> "DrainProgress":
+    def __enter__(self) -> DrainProgress:
         if self.enabled:
             from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn

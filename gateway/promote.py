@@ -177,7 +177,7 @@ def promoted(target: Target) -> tuple[dict[str, int], set[str]]:
     with s3ops.s3_errors(f"listing s3://{target.bucket}/{target.key}"):
         objects = objects_of(s3, target)
         with ThreadPoolExecutor(WORKERS) as pool:
-            keeps = dict(zip(objects, pool.map(lambda k: get_keep(s3, target.bucket, k), objects)))
+            keeps = dict(zip(objects, pool.map(lambda k: get_keep(s3, target.bucket, k), objects), strict=True))
     return objects, {k for k, keep in keeps.items() if keep == "true"}
 
 
@@ -204,7 +204,7 @@ def compact(objects: dict[str, int], kept: set[str]) -> list[tuple[str, int, int
     return sorted(out)
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -17,7 +17,7 @@ import hashlib
 import logging
 import time
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 import trio
 

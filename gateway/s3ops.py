@@ -10,7 +10,8 @@ import argparse
 import contextlib
 import logging
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from gateway.config import ConfigError, parse_s3_url, resolve
 from gateway.errors import CliError

@@ -27,7 +27,7 @@ Nothing here touches the journal, the clock or the network; tests/test_scheduler
 from __future__ import annotations
 
 import dataclasses
-from typing import AbstractSet as Set, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 
 from gateway.scopes import ScopeRules
 
@@ -70,10 +70,11 @@ class Plan:
 
 def plan(rows: Sequence[Row], rename_scopes: Mapping[int, int], rules: ScopeRules, *,
          selected: int | None = None, newest_durable_seq: int | None = None, old_ok: Set[int] = frozenset(),
-         pinned: Set[int] = frozenset(), prefer_old: bool = False, room: int = 1 << 30,
+         started: bool = True, pinned: Set[int] = frozenset(), prefer_old: bool = False, room: int = 1 << 30,
          gate: Callable[[str, str], bool] = lambda scope, marker: True) -> Plan:
     """What to start now. `rename_scopes`: root inode -> committed seq (journal table `scopes`);
-    `selected`, `prefer_old` come from the last pass's plan, `newest_durable_seq` and `old_ok` from
+    `selected`, `prefer_old` come from the last pass's plan (`started`: a job of the selected scope
+    was started, so it keeps its rank), `newest_durable_seq` and `old_ok` from
     the drain's record of finished scopes; `room` is how many jobs may start."""
     scopes = _committed_scopes(rows, rename_scopes, rules)
     scope_of = {r.ino: _scope_of(r, scopes) for r in rows}
@@ -81,10 +82,11 @@ def plan(rows: Sequence[Row], rename_scopes: Mapping[int, int], rules: ScopeRule
     ready = {r.ino for r in rows if r.startable and r.ino not in waiting and r.ino not in gated}
 
     finished = selected if selected is not None and selected not in scopes else None
-    if selected not in scopes:
-        selected = _pick(scopes, newest_durable_seq, old_ok, pinned, prefer_old)
-        if selected is not None:
-            prefer_old = not _is_old(scopes[selected], newest_durable_seq)
+    if selected not in scopes or not started:  # nothing of it sent yet: a newer commit may still win
+        pick = _pick(scopes, newest_durable_seq, old_ok, pinned, prefer_old)
+        if pick is not None and pick != selected:
+            prefer_old = not _is_old(scopes[pick], newest_durable_seq)
+        selected = pick
     rank = {selected: 0} if selected is not None else {}
     priority = {r.ino: _priority(r, scope_of[r.ino], rank, scopes) for r in rows}
     _inherit(priority, waiting)

@@ -15,11 +15,15 @@ import contextlib
 import errno
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import trio
 
 from gateway import content
 from gateway.errors import FsError
+
+if TYPE_CHECKING:  # annotations only
+    from gateway.reader import Reader
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +39,7 @@ class SpaceGuard:
         self.high_bytes = int(limit_bytes * high)
         self.low_bytes = int(limit_bytes * low)
         self.timeout_s = timeout_s
-        self.reader = None  # set by the daemon: files being fetched are not evicted
+        self.reader: Reader | None = None  # set by the daemon: files being fetched are not evicted
         self.last_used: dict[int, float] = {}
         self.pins: dict[int, int] = {}  # inode -> handlers awaiting its fetch: not evicted
         self.evictions = 0
@@ -47,6 +51,10 @@ class SpaceGuard:
 
     def touch(self, ino: int) -> None:
         self.last_used[ino] = time.monotonic()
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether `reserve(nbytes)` returns without waiting."""
+        return self.cache.used_bytes + nbytes <= self.limit_bytes
 
     @contextlib.contextmanager
     def pinned(self, ino: int):

@@ -22,7 +22,7 @@ class Report:
 
 
 def files_under(paths: list[str]) -> list[str]:
-    out = []
+    out: list[str] = []
     for path in paths:
         if os.path.isdir(path) and not os.path.islink(path):
             for dirpath, _, names in os.walk(path):

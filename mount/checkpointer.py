@@ -36,7 +36,8 @@ import statistics as stats_lib
 import threading
 import time
 import weakref
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -148,7 +149,11 @@ class ContinuousCheckpointer:
         if self._rank == 0:
             self._watcher.start()
         ref = weakref.ref(self)
-        self._atexit = lambda: (c := ref()) is not None and c._close_quietly()
+
+        def close_at_exit() -> None:
+            if (c := ref()) is not None:
+                c._close_quietly()
+        self._atexit = close_at_exit
         atexit.register(self._atexit)
 
     # ------------------------------------------------------------ saving
@@ -242,6 +247,8 @@ class ContinuousCheckpointer:
                 self._prepare(step_dir)
             if self._world > 1:
                 dist.barrier(group=self._work_group)
+                # Each rank may have its own gateway (one per node): make the directory there too.
+                os.makedirs(step_dir, exist_ok=True)
             ctx = RankContext(self._rank, self._world, self._work_group)
             records = self._format.write(step_dir, job.state, ctx)
         except Exception as exc:
@@ -521,15 +528,13 @@ class ContinuousCheckpointer:
         limit = getattr(self._save_policy, "max_not_durable", None)
         if limit is None:
             return False
-        behind = 0
         try:
             steps = self.steps()
         except OSError:
             return False  # let the save itself fail and report why
-        for step in reversed(steps):
+        for behind, step in enumerate(reversed(steps), start=1):
             if self._durable_step(step):
                 break
-            behind += 1
             if behind > limit:
                 return True
         return False
@@ -641,7 +646,7 @@ class ContinuousCheckpointer:
         except Exception:
             log.exception("the last checkpoint save failed")
 
-    def __enter__(self) -> "ContinuousCheckpointer":
+    def __enter__(self) -> ContinuousCheckpointer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -57,7 +58,7 @@ def state_digest(state: Any) -> str:
         if isinstance(obj, torch.Tensor):
             t = obj.detach().cpu().contiguous()
             h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]  # ndarray is a buffer; numpy stubs lack it
         elif isinstance(obj, dict):
             for k in sorted(obj, key=str):
                 h.update(f"K{k!r}".encode())
@@ -248,7 +249,7 @@ def run_demo(ckpt_root: str, *, seconds: float = 60, state_mb: int = 256, live: 
         drain_s = time.monotonic() - t_end
 
     st = ckpt.statistics()
-    intervals = [b - a for a, b in zip(saved_steps, saved_steps[1:])]
+    intervals = [b - a for a, b in itertools.pairwise(saved_steps)]
     summary = {
         "checkpoints_saved": st.saves_committed,
         "steps": step,

@@ -14,7 +14,7 @@ import errno
 import json
 import logging
 import os
-from typing import Callable
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, BinaryIO, Callable
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 import xxhash
 
@@ -60,7 +61,7 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str, fill: Callable[[HashingWriter], None], *, rank: int = 0,
+def write_atomic(path: str, fill: Callable[[HashingWriter], object], *, rank: int = 0,
                  sync_dir: bool = True) -> FileRecord:
     """Write `path` via `path.tmp` + fsync + rename; `fill` writes the content.
 

@@ -56,7 +56,7 @@ class TorchFormat(Format):
 
     def write(self, step_dir, state, ctx):
         path = os.path.join(step_dir, self.file_name(ctx.rank, ctx.world_size))
-        return [write_atomic(path, lambda f: torch.save(state, f), rank=ctx.rank)]
+        return [write_atomic(path, lambda f: torch.save(state, f), rank=ctx.rank)]  # type: ignore[arg-type]  # torch.save needs only write()
 
     def read(self, step_dir, commit, ctx, *, template=None, map_location="cpu", weights_only=True):
         saved_world = int(commit.get("world_size", 1))

@@ -26,7 +26,8 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -63,7 +64,7 @@ class PreserveNewestDurable:
     def plan(self, checkpoints: Sequence[Any], *, context: Any = None) -> RetentionPlan:
         """The retention decision over Orbax's checkpoints (`policies.plan_retention`)."""
         inner = self.inner.should_preserve(checkpoints, context=context)
-        kept = {c.step for c, keep in zip(checkpoints, inner) if keep}
+        kept = {c.step for c, keep in zip(checkpoints, inner, strict=True) if keep}
         self.durable_seen &= {c.step for c in checkpoints}
         infos = sorted((CheckpointInfo(c.step, 0.0) for c in checkpoints), key=lambda i: i.step)
         return plan_retention(infos, lambda _: kept, self.is_durable)
@@ -128,8 +129,8 @@ class ContinuousCheckpointManager(ocp.CheckpointManager):
                  durability_poll_s: float = 0.5, **kwargs: Any):
         super().__init__(directory, options=options, **kwargs)
         self._preserve: PreserveNewestDurable = options.preservation_policy
-        self._checkpoint_deleter = MarkerFirstDeleter(self._checkpoint_deleter, self._preserve.directory,
-                                                      self._preserve.step_name)
+        self._checkpoint_deleter: MarkerFirstDeleter = MarkerFirstDeleter(
+            self._checkpoint_deleter, self._preserve.directory, self._preserve.step_name)
         self._poll_s = durability_poll_s
         self._next_poll = 0.0
         self._newest_durable: int | None = None

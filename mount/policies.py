@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,10 +112,10 @@ class KeepPolicy:
         What only `LatestN` keeps is dropped soon anyway, so it waits until nothing newer is pending."""
         return self.keep(infos)
 
-    def __or__(self, other) -> "AnyOf":
+    def __or__(self, other) -> AnyOf:
         return AnyOf(self, other)
 
-    def __ror__(self, other) -> "AnyOf":
+    def __ror__(self, other) -> AnyOf:
         return AnyOf(other, self)
 
 
@@ -131,7 +131,7 @@ class AnyOf(KeepPolicy):
             if not callable(p):
                 raise TypeError(f"a retention policy must be callable, got {p!r}")
             flat.extend(p.policies if isinstance(p, AnyOf) else [p])
-        self.policies = tuple(flat)
+        self.policies: tuple[KeepPolicy | KeepFn, ...] = tuple(flat)
 
     def keep(self, infos):
         kept: set[int] = set()

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 try:  # DTensor exists in every torch with DCP, but keep the snapshot importable without it.
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover
-    DTensor = None
+    DTensor = None  # type: ignore[misc,assignment]  # the class or None: callers test `DTensor is not None`
 
 
 class Snapshotter:
@@ -53,15 +53,15 @@ class Snapshotter:
         if id(obj) in self._memo:  # tied weights stay tied; containers are not cyclic here
             return self._memo[id(obj)]
         if isinstance(obj, torch.Tensor):
-            out = self._copy_tensor(obj, path)
+            out: Any = self._copy_tensor(obj, path)
         elif type(obj) in (dict, OrderedDict):
-            out = type(obj)((k, self._copy(v, path + (k,))) for k, v in obj.items())
+            out = type(obj)((k, self._copy(v, (*path, k))) for k, v in obj.items())
         elif type(obj) is list:
-            out = [self._copy(v, path + (i,)) for i, v in enumerate(obj)]
+            out = [self._copy(v, (*path, i)) for i, v in enumerate(obj)]
         elif type(obj) is tuple:
-            out = tuple(self._copy(v, path + (i,)) for i, v in enumerate(obj))
+            out = tuple(self._copy(v, (*path, i)) for i, v in enumerate(obj))
         elif isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-            out = type(obj)(*(self._copy(v, path + (i,)) for i, v in enumerate(obj)))
+            out = type(obj)(*(self._copy(v, (*path, i)) for i, v in enumerate(obj)))
         else:
             out = copy.deepcopy(obj)
         if isinstance(obj, (torch.Tensor, dict, list, tuple)):
@@ -70,7 +70,7 @@ class Snapshotter:
 
     def _copy_tensor(self, t: torch.Tensor, path: tuple) -> torch.Tensor:
         if DTensor is not None and isinstance(t, DTensor):
-            local = self._copy_tensor(t.to_local(), path + ("<local>",))
+            local = self._copy_tensor(t.to_local(), (*path, "<local>"))
             return DTensor.from_local(local, t.device_mesh, t.placements, run_check=False,
                                       shape=t.shape, stride=t.stride())
         if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.layout != torch.strided \

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from tests.bucket_watch import BucketWatcher
 from tests.conftest import ckptfs_cli
-from tests.t4_drain_test import write_file
-from tests.t5_faults_test import assert_bucket_matches_mount, open_uploads, proxy, wait_until  # noqa: F401
+from tests.test_drain import write_file
+from tests.test_faults import assert_bucket_matches_mount, open_uploads, proxy, wait_until  # noqa: F401
 
 MiB = 1024 * 1024
 

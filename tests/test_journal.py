@@ -7,6 +7,7 @@ import sqlite3
 import stat
 
 import pytest
+import trio
 
 from gateway import content
 from gateway.cache import CacheFiles
@@ -156,13 +157,13 @@ def test_rewrite_of_a_clean_file_makes_its_intent_durable_before_the_data(parts)
     syncs = []
     journal.sync_wal = lambda: syncs.append((cache.read(ino, 0, 3), ns.getattr(ino).content_dirty))
     ns.opened(ino, True)
-    content.write(ns, cache, ino, 0, b"old")
+    trio.run(content.write, ns, cache, ino, 0, b"old")
     ns.closed(ino, True)
     assert syncs == [], "a new file's first write needs no extra fsync"
     journal.execute("UPDATE inodes SET content_dirty=0, durable=1 WHERE id=?", (ino,))  # published
     ns.opened(ino, True)
-    content.write(ns, cache, ino, 0, b"new")
-    content.write(ns, cache, ino, 3, b"more")
+    trio.run(content.write, ns, cache, ino, 0, b"new")
+    trio.run(content.write, ns, cache, ino, 3, b"more")
     ns.closed(ino, True)
     assert syncs == [(b"old", 1)], "the dirty mark must be durable before the first new byte, and only once"
     assert cache.read(ino, 0, 7) == b"newmore"

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.crash_writer import expected_state
-from tests.t5_crash_test import assert_bucket_equals_namespace, check_trial, start_writer
+from tests.test_crash_kill9 import assert_bucket_equals_namespace, check_trial, start_writer
 
 TRIALS_CI = 20
 TRIALS_SLOW = 200

@@ -9,7 +9,7 @@ import trio
 
 from gateway.errors import StoreError
 from gateway.retry import retrying
-from tests.t5_faults_test import TargetedProxy, error_503
+from tests.test_faults import TargetedProxy, error_503
 
 
 class Flaky:

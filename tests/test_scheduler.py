@@ -274,3 +274,16 @@ def test_what_a_chosen_marker_waits_for_inherits_its_priority():
     p = plan(t.rows, {}, RULES, selected=t.dirs["step_3"])
     assert p.selected == t.dirs["step_3"]
     assert inner in p.start and p.priority[inner] <= p.priority[commit]
+
+
+def test_a_selected_scope_nothing_of_which_was_sent_yields_to_a_newer_commit():
+    """Under load two renames can land in different passes: the first scope is selected while its
+    files still wait for the drain delay; the newer commit takes over until a job has started."""
+    t = Tree()
+    t.file("1/shard", 1, startable=False)
+    p = plan(t.rows, {t.dirs["1"]: 10}, RULES)
+    assert p.selected == t.dirs["1"] and p.start == []
+    t.file("2/shard", 2, startable=False)
+    scopes = {t.dirs["1"]: 10, t.dirs["2"]: 20}
+    assert plan(t.rows, scopes, RULES, selected=p.selected, started=False).selected == t.dirs["2"]
+    assert plan(t.rows, scopes, RULES, selected=p.selected, started=True).selected == t.dirs["1"]

@@ -9,7 +9,7 @@ import time
 import xxhash
 
 from tests.bucket_watch import BucketWatcher
-from tests.t5_crash_test import assert_bucket_equals_namespace
+from tests.test_crash_kill9 import assert_bucket_equals_namespace
 
 
 def write_file(path, data: bytes, fsync: bool = True) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from tests._t6_ranks import run_ranks
+from tests._ranks import run_ranks
 from mount import ContinuousCheckpointer, NoCheckpointError, read_commit
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from tests._t6_ranks import run_ranks
+from tests._ranks import run_ranks
 from mount import ContinuousCheckpointer, LatestN, read_commit
 from mount.demo import state_digest
 

@@ -1,6 +1,6 @@
 """One rank of the 2-process gloo tests (run as a script), and `run_ranks` that launches them.
 
-usage: _t6_ranks.py MODE RANK WORLD PORT DIR OUT_JSON
+usage: _ranks.py MODE RANK WORLD PORT DIR OUT_JSON
 MODE "dcp":   continuous DCP saves of a row-sharded DTensor, then restore into a template.
 MODE "torch": continuous torch.save saves of per-rank state, then restore.
 MODE "fail":  rank 1's writer fails; both ranks must raise CheckpointError (and not hang).

@@ -1,0 +1,104 @@
+"""Several gateways on one prefix: a commit marker waits for every node's files (docs/CLUSTER.md).
+
+Two (or three) real mounts of one bucket prefix stand in for nodes; node b reaches the endpoint
+through a throttling proxy, so its shard is still uploading when node a's marker is ready.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import pytest
+
+from tests._cluster_ranks import SHARD_BYTES, run_ranks
+from tests.bucket_watch import BucketWatcher
+from tests.support.faultproxy import FaultProxy
+
+LEASE = ("--lease-interval", "1")
+
+
+def cluster_options(node: str, *extra: str) -> tuple[str, ...]:
+    return ("--drain-delay", "0.2", "--cluster", "--node-id", node, *LEASE, *extra)
+
+
+@pytest.fixture
+def throttled(s3_server):
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        yield proxy
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def waiting_for(mount, scope: str) -> list[dict]:
+    for commit in mount.status().get("cluster", {}).get("commits", []):
+        if commit["scope"] == scope:
+            return commit["waiting_for"]
+    return []
+
+
+def test_two_node_dcp_marker_never_before_either_shard(make_mount, throttled, tmp_path):
+    a = make_mount("a", options=cluster_options("a"))
+    throttled.set_bandwidth(1 << 20)  # node b's 6 MiB shard takes ~6 s
+    b = make_mount("b", options=cluster_options("b"), endpoint_url=throttled.endpoint_url)
+    client = a.s3.boto3_client()
+    with BucketWatcher(client, a.bucket, a.prefix, interval_s=0.02) as watch:
+        run_ranks("dcp", [a.path / "run1", b.path / "run1"], tmp_path)
+        shard1 = "run1/step_1/__1_0.distcp"
+        waits = wait_for(lambda: waiting_for(a, "run1/step_1"), 20, "a's status to name the node it waits for")
+        assert waits[0]["node"].startswith("b@")
+        a.wait("run1/step_1", timeout=60)
+        b.wait("run1/step_1", timeout=60)  # cluster-wide on b too
+        time.sleep(0.2)
+    marker = "run1/step_1/.metadata"
+    data = {"run1/step_1/__0_0.distcp", shard1}
+    assert marker in watch.ever_seen()
+    assert watch.marker_violations(marker, data) == []
+    keys = a.keys()
+    assert keys[shard1] == os.path.getsize(b.path / shard1) and keys[marker] > 0
+    # both nodes see one checkpoint: b's mount shows a's marker, a's shows b's shard
+    assert (b.path / marker).stat().st_size == keys[marker]
+    assert (a.path / shard1).read_bytes() == (b.path / shard1).read_bytes()
+    assert a.status()["cluster"]["commits"] == []  # done: nothing left waiting
+
+
+def test_lost_node_marker_never_published(make_mount, throttled, tmp_path):
+    a = make_mount("a", options=cluster_options("a"))
+    throttled.set_bandwidth(256 << 10)  # b's shard would need ~24 s
+    b = make_mount("b", options=cluster_options("b"), endpoint_url=throttled.endpoint_url)
+    client = a.s3.boto3_client()
+    marker, shard1 = "run1/step_1/.metadata", "run1/step_1/__1_0.distcp"
+    with BucketWatcher(client, a.bucket, a.prefix, interval_s=0.05) as watch:
+        run_ranks("dcp", [a.path / "run1", b.path / "run1"], tmp_path)
+        wait_for(lambda: waiting_for(a, "run1/step_1"), 20, "a to wait for b")
+        b.kill9()
+        shutil.rmtree(b.cache_dir)  # the node is gone, and its disk with it
+        waits = wait_for(lambda: [w for w in waiting_for(a, "run1/step_1") if w["lost"]], 30,
+                         "a to report b's lease as lost")
+        assert waits[0]["node"].startswith("b@")
+        # b comes back on an empty disk, with the same node id: a new incarnation, which does not count
+        b2 = make_mount("b2", options=cluster_options("b"), endpoint_url=throttled.endpoint_url,
+                        cache_dir=tmp_path / "b-cache-new")
+        throttled.set_bandwidth(None)
+        time.sleep(4)  # b2 polls and answers what it can: it must not count for the old member
+        state = a.state("run1/step_1")
+        status = a.status()
+    assert marker not in watch.ever_seen() and marker not in a.keys()
+    assert shard1 not in a.keys()
+    assert state == "pending"
+    [commit] = [c for c in status["cluster"]["commits"] if c["scope"] == "run1/step_1"]
+    assert commit["state"] == "waiting" and [w["node"].split("@")[0] for w in commit["waiting_for"]] == ["b"]
+    # the new incarnation answered (an empty manifest), but it is a different member: a still waits
+    new_member = "b@" + json.loads(os.getxattr(b2.path, "user.ckptfs.status"))["cluster"]["incarnation"]
+    assert any(k.startswith(".ckptfs/commits/run1%2Fstep_1/") and k.endswith(new_member) for k in a.keys())
+    assert commit["waiting_for"][0]["node"] != new_member

@@ -1,0 +1,86 @@
+"""One namespace over two gateways: directories made, deleted and renamed on one node, files
+overwritten and deleted on one node, are reflected on the other within seconds (docs/SEMANTICS.md,
+"Several nodes")."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import pytest
+
+from tests.test_cluster_commit import cluster_options, wait_for
+
+BOUND_S = 12  # metadata TTL 1 s + kernel attribute/entry timeout 5 s + polls, with room on 2 busy cores
+
+
+@pytest.fixture
+def nodes(make_mount, tmp_path):
+    a = make_mount("a", options=cluster_options("a", "--metadata-ttl", "1", "--log-file", str(tmp_path / "a.log")))
+    b = make_mount("b", options=cluster_options("b", "--metadata-ttl", "1", "--log-file", str(tmp_path / "b.log")))
+    return a, b
+
+
+def test_directory_made_on_one_node_is_usable_on_the_other(nodes):
+    a, b = nodes
+    (a.path / "run1" / "step_2").mkdir(parents=True)
+    time.sleep(0.3)  # the training barrier
+    (b.path / "run1" / "step_2" / "rank1.bin").write_bytes(b"one" * 1000)
+    b.wait("run1/step_2/rank1.bin", timeout=30)
+    assert a.keys()["run1/step_2/rank1.bin"] == 3000
+    assert (a.path / "run1" / "step_2" / "rank1.bin").read_bytes() == b"one" * 1000  # a lookup miss on a
+
+
+def test_delete_on_one_node_removes_every_nodes_objects_and_entries(nodes):
+    a, b = nodes
+    (a.path / "run1" / "step_1").mkdir(parents=True)
+    (a.path / "run1" / "step_1" / "a.bin").write_bytes(b"a" * 5000)
+    (b.path / "run1" / "step_1").mkdir(parents=True, exist_ok=True)  # every rank does (DCP, the shim)
+    (b.path / "run1" / "step_1" / "b.bin").write_bytes(b"b" * 7000)
+    (b.path / "run1" / "step_1" / "sub").mkdir()
+    (b.path / "run1" / "step_1" / "sub" / "c.bin").write_bytes(b"c" * 10)
+    a.wait("run1", timeout=30)
+    b.wait("run1", timeout=30)
+    assert {"run1/step_1/a.bin", "run1/step_1/b.bin", "run1/step_1/sub/c.bin"} <= set(a.keys())
+    shutil.rmtree(a.path / "run1" / "step_1")  # as retention does, on one node
+    wait_for(lambda: not [k for k in a.keys() if k.startswith("run1/step_1")], BOUND_S,
+             "every node's objects under step_1 to be deleted")
+    wait_for(lambda: not (b.path / "run1" / "step_1").exists(), BOUND_S, "b to drop step_1")
+    assert os.listdir(b.path / "run1") == []
+    time.sleep(1.5)  # b's drain must not re-upload what it dropped
+    assert not [k for k in a.keys() if k.startswith("run1/step_1")]
+
+
+def test_overwrite_and_delete_of_a_file_are_seen_on_the_other_node(nodes):
+    a, b = nodes
+    (b.path / "run1").mkdir()
+    (b.path / "run1" / "latest").write_bytes(b"1")
+    b.wait("run1/latest", timeout=30)
+    assert (a.path / "run1" / "latest").read_bytes() == b"1"
+    tmp = b.path / "run1" / "latest.tmp"
+    tmp.write_bytes(b"22")
+    os.rename(tmp, b.path / "run1" / "latest")  # an overwrite, the way checkpoint code does it
+    b.wait("run1/latest", timeout=30)
+    wait_for(lambda: (a.path / "run1" / "latest").read_bytes() == b"22", BOUND_S, "a to see the overwrite",
+             interval=0.5)
+    assert os.stat(a.path / "run1" / "latest").st_size == 2
+    os.unlink(b.path / "run1" / "latest")
+    wait_for(lambda: "run1/latest" not in a.keys(), 10, "the object to be deleted")
+    wait_for(lambda: not (a.path / "run1" / "latest").exists(), BOUND_S, "a to drop the deleted file")
+
+
+def test_lookup_with_the_endpoint_down_answers_enoent_within_the_timeout(make_mount, s3_server):
+    from tests.support.faultproxy import FaultProxy
+
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        a = make_mount("a", options=cluster_options("a", "--remote-lookup-timeout", "0.5"),
+                       endpoint_url=proxy.endpoint_url)
+        proxy.set_faults(delay_rate=1.0, delay_s=20)  # every request hangs
+        started = time.monotonic()
+        assert not (a.path / "nothing-here").exists()
+        assert time.monotonic() - started < 3
+        (a.path / "local.bin").write_bytes(b"x")  # creating a file still works
+        assert (a.path / "local.bin").read_bytes() == b"x"
+        proxy.clear_faults()
+        a.wait("local.bin", timeout=60)

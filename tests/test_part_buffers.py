@@ -1,0 +1,75 @@
+"""Part reads into reused buffers, their checksums, and request bodies that do not copy them."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import os
+import zlib
+
+import pytest
+
+from gateway import digest
+from gateway.store import Body
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    return str(path), data
+
+
+def test_read_into_sums_match_read_range_sums(data_file):
+    path, data = data_file
+    buffers = digest.PartBuffers(1 << 20, keep=2)
+    for offset in (0, 1 << 20, 2 << 20):
+        length = min(1 << 20, len(data) - offset)
+        with buffers.lease(length) as view:
+            crc, sha = digest.read_into_sums(path, offset, view)
+            assert bytes(view) == data[offset:offset + length]
+        body, crc_old, sha_old = digest.read_range_sums(path, offset, length)
+        assert (crc, sha) == (crc_old, sha_old)
+        assert crc == base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode()
+        assert sha == hashlib.sha256(body).hexdigest()
+
+
+def test_buffers_are_reused_only_when_unreferenced(data_file):
+    path, _ = data_file
+    buffers = digest.PartBuffers(1 << 20, keep=2)
+    for _ in range(5):
+        with buffers.lease(1 << 20) as view:
+            digest.read_into(path, 0, view)
+    assert buffers.allocated == 1
+    with buffers.lease(1000) as view:
+        kept = view[:10]  # a slice outlives the lease: that buffer must not be handed out again
+    with buffers.lease(1000) as other:
+        other[:10] = b"x" * 10
+    assert buffers.allocated == 2
+    assert bytes(kept) != b"x" * 10
+
+
+def test_read_into_past_the_end_is_eoferror(data_file):
+    path, data = data_file
+    with pytest.raises(EOFError):
+        digest.read_into(path, len(data) - 5, memoryview(bytearray(10)))
+    with pytest.raises(ValueError):
+        with digest.PartBuffers(16, keep=1).lease(17):
+            pass
+
+
+def test_body_streams_slices_of_its_data_and_rewinds():
+    data = bytearray(os.urandom(Body.CHUNK * 2 + 5))
+    body = Body(memoryview(data), "sha")
+    assert len(body) == len(data) and body.tell() == 0
+    chunks = list(body)
+    assert [len(c) for c in chunks] == [Body.CHUNK, Body.CHUNK, 5]
+    assert all(isinstance(c, memoryview) and c.obj is data for c in chunks)  # no copies
+    assert b"".join(chunks) == data
+    assert body.seek(0) == 0 and body.read(3) == data[:3] and body.tell() == 3
+    assert body.seek(0, io.SEEK_END) == len(data) and body.read() == b""
+    body.seek(0)
+    assert body.read() == data and body.getvalue() == data
+    assert isinstance(body, io.BytesIO) and bool(Body(b""))
