@@ -73,30 +73,14 @@ def main():
 
 def run_ranks(mode, roots, tmp_path, timeout=180):
     """Run this script in MODE as len(roots) gloo processes; return each rank's JSON result."""
-    import subprocess
-
+    from tests.support.ranks import run_processes
     from tests.support.s3server import free_port
 
     port = free_port()
-    procs, outs = [], []
-    for rank in range(len(roots)):
-        out = tmp_path / f"{mode}_rank{rank}.json"
-        outs.append(out)
-        procs.append(subprocess.Popen(
-            [sys.executable, __file__, mode, str(rank), str(len(roots)), str(port),
-             json.dumps([str(r) for r in roots]), str(out)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=timeout)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for rank, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {rank} failed:\n{logs[rank][-4000:]}"
-    return [json.loads(o.read_text()) for o in outs]
+    outs = [tmp_path / f"{mode}_rank{rank}.json" for rank in range(len(roots))]
+    argvs = [[mode, str(rank), str(len(roots)), str(port), json.dumps([str(r) for r in roots]), str(out)]
+             for rank, out in enumerate(outs)]
+    return run_processes(__file__, argvs, outs, timeout)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import datetime
 import json
 import os
 import socket
-import subprocess
 import sys
 import time
 
@@ -110,25 +109,12 @@ def _free_port():
 
 def run_ranks(mode, root, tmp_path, world=2, timeout=120):
     """Run this script in MODE as `world` gloo processes; return each rank's JSON result."""
+    from tests.support.ranks import run_processes
+
     port = _free_port()
-    procs, outs = [], []
-    for rank in range(world):
-        out = tmp_path / f"{mode}_rank{rank}.json"
-        outs.append(out)
-        procs.append(subprocess.Popen(
-            [sys.executable, __file__, mode, str(rank), str(world), str(port), str(root), str(out)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=timeout)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for rank, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {rank} failed:\n{logs[rank][-4000:]}"
-    return [json.loads(o.read_text()) for o in outs]
+    outs = [tmp_path / f"{mode}_rank{rank}.json" for rank in range(world)]
+    argvs = [[mode, str(rank), str(world), str(port), str(root), str(out)] for rank, out in enumerate(outs)]
+    return run_processes(__file__, argvs, outs, timeout)
 
 
 def main():

@@ -13,9 +13,10 @@ import time
 
 import pytest
 
-from tests._cluster_ranks import SHARD_BYTES, run_ranks
+from tests._cluster_ranks import run_ranks
 from tests.bucket_watch import BucketWatcher
 from tests.support.faultproxy import FaultProxy
+from tests.test_faults import wait_until
 
 LEASE = ("--lease-interval", "1")
 
@@ -30,14 +31,6 @@ def throttled(s3_server):
         yield proxy
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def waiting_for(mount, scope: str) -> list[dict]:
@@ -55,7 +48,7 @@ def test_two_node_dcp_marker_never_before_either_shard(make_mount, throttled, tm
     with BucketWatcher(client, a.bucket, a.prefix, interval_s=0.02) as watch:
         run_ranks("dcp", [a.path / "run1", b.path / "run1"], tmp_path)
         shard1 = "run1/step_1/__1_0.distcp"
-        waits = wait_for(lambda: waiting_for(a, "run1/step_1"), 20, "a's status to name the node it waits for")
+        waits = wait_until(lambda: waiting_for(a, "run1/step_1"), 20, "a's status to name the node it waits for")
         assert waits[0]["node"].startswith("b@")
         a.wait("run1/step_1", timeout=60)
         b.wait("run1/step_1", timeout=60)  # cluster-wide on b too
@@ -80,10 +73,10 @@ def test_lost_node_marker_never_published(make_mount, throttled, tmp_path):
     marker, shard1 = "run1/step_1/.metadata", "run1/step_1/__1_0.distcp"
     with BucketWatcher(client, a.bucket, a.prefix, interval_s=0.05) as watch:
         run_ranks("dcp", [a.path / "run1", b.path / "run1"], tmp_path)
-        wait_for(lambda: waiting_for(a, "run1/step_1"), 20, "a to wait for b")
+        wait_until(lambda: waiting_for(a, "run1/step_1"), 20, "a to wait for b")
         b.kill9()
         shutil.rmtree(b.cache_dir)  # the node is gone, and its disk with it
-        waits = wait_for(lambda: [w for w in waiting_for(a, "run1/step_1") if w["lost"]], 30,
+        waits = wait_until(lambda: [w for w in waiting_for(a, "run1/step_1") if w["lost"]], 30,
                          "a to report b's lease as lost")
         assert waits[0]["node"].startswith("b@")
         # b comes back on an empty disk, with the same node id: a new incarnation, which does not count

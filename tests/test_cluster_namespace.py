@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from tests.test_cluster_commit import cluster_options, wait_for
+from tests.test_cluster_commit import cluster_options
+from tests.test_faults import wait_until
 
 BOUND_S = 12  # metadata TTL 1 s + kernel attribute/entry timeout 5 s + polls, with room on 2 busy cores
 
@@ -44,9 +45,9 @@ def test_delete_on_one_node_removes_every_nodes_objects_and_entries(nodes):
     b.wait("run1", timeout=30)
     assert {"run1/step_1/a.bin", "run1/step_1/b.bin", "run1/step_1/sub/c.bin"} <= set(a.keys())
     shutil.rmtree(a.path / "run1" / "step_1")  # as retention does, on one node
-    wait_for(lambda: not [k for k in a.keys() if k.startswith("run1/step_1")], BOUND_S,
+    wait_until(lambda: not [k for k in a.keys() if k.startswith("run1/step_1")], BOUND_S,
              "every node's objects under step_1 to be deleted")
-    wait_for(lambda: not (b.path / "run1" / "step_1").exists(), BOUND_S, "b to drop step_1")
+    wait_until(lambda: not (b.path / "run1" / "step_1").exists(), BOUND_S, "b to drop step_1")
     assert os.listdir(b.path / "run1") == []
     time.sleep(1.5)  # b's drain must not re-upload what it dropped
     assert not [k for k in a.keys() if k.startswith("run1/step_1")]
@@ -62,12 +63,12 @@ def test_overwrite_and_delete_of_a_file_are_seen_on_the_other_node(nodes):
     tmp.write_bytes(b"22")
     os.rename(tmp, b.path / "run1" / "latest")  # an overwrite, the way checkpoint code does it
     b.wait("run1/latest", timeout=30)
-    wait_for(lambda: (a.path / "run1" / "latest").read_bytes() == b"22", BOUND_S, "a to see the overwrite",
+    wait_until(lambda: (a.path / "run1" / "latest").read_bytes() == b"22", BOUND_S, "a to see the overwrite",
              interval=0.5)
     assert os.stat(a.path / "run1" / "latest").st_size == 2
     os.unlink(b.path / "run1" / "latest")
-    wait_for(lambda: "run1/latest" not in a.keys(), 10, "the object to be deleted")
-    wait_for(lambda: not (a.path / "run1" / "latest").exists(), BOUND_S, "a to drop the deleted file")
+    wait_until(lambda: "run1/latest" not in a.keys(), 10, "the object to be deleted")
+    wait_until(lambda: not (a.path / "run1" / "latest").exists(), BOUND_S, "a to drop the deleted file")
 
 
 def test_lookup_with_the_endpoint_down_answers_enoent_within_the_timeout(make_mount, s3_server):

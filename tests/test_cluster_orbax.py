@@ -14,7 +14,8 @@ import pytest
 
 from tests.bucket_watch import BucketWatcher
 from tests.support.s3server import free_port
-from tests.test_cluster_commit import cluster_options, wait_for
+from tests.test_cluster_commit import cluster_options
+from tests.test_faults import wait_until
 
 pytest.importorskip("orbax.checkpoint")
 SCRIPT = Path(__file__).with_name("_cluster_orbax.py")
@@ -46,7 +47,7 @@ def test_orbax_multihost_save_on_two_mounts(make_mount, tmp_path):
         assert all(r["restored_ok"] for r in results)
         a.wait("run1", timeout=60)
         b.wait("run1", timeout=60)
-        keys = wait_for(lambda: (k := [k for k in a.keys() if k.startswith("run1/1/")])
+        keys = wait_until(lambda: (k := [k for k in a.keys() if k.startswith("run1/1/")])
                         and any("process_1" in x for x in k) and k, 30, "both hosts' files under run1/1/")
     assert any("process_0" in k for k in keys) and any("process_1" in k for k in keys), keys
     assert not [k for k in watch.ever_seen() if "orbax-checkpoint-tmp" in k]
