@@ -55,9 +55,8 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "failsafe": ("ckptfs_failsafe", "gauge", "1 while the gateway is in failsafe mode"),
 }
 
-# Exported with this value when the daemon's status lacks the key (a gateway without failsafe
-# mode is never in it).
-DEFAULTS = {"failsafe": 0}
+# Status keys that hold a reason (a string) or None: exported as 1 or 0.
+FLAGS = {"failsafe"}
 
 ALIASES = {"upload_errors_total": "errors_total"}  # the daemon's status calls it errors_total
 
@@ -89,10 +88,10 @@ class StatsCollector(Collector):
             return
         for key, (name, kind, doc) in METRICS.items():
             value = stats.get(key)
+            if key in FLAGS:
+                value = int(bool(value))  # the status holds the reason (a string) or None
             if value is None and key in ALIASES:
                 value = stats.get(ALIASES[key])
-            if value is None and key not in stats:
-                value = DEFAULTS.get(key)
             if value is None:
                 continue
             metric_class = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
