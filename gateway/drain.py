@@ -138,10 +138,6 @@ class Drain:
         self.not_before.pop(ino, None)
         self.wake()
 
-    @property
-    def busy_inodes(self) -> dict[int, trio.CancelScope]:
-        return self.jobs
-
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             task_status.started()  # the mount is ready; the clean-up below never holds it up

@@ -62,7 +62,6 @@ class Plan:
     priority: dict[int, Priority]         # every pending inode's current limiter priority
     selected: int | None                  # the selected scope's root (give it back next pass)
     prefer_old: bool                      # give back next pass: alternate older and newer picks
-    finished: int | None                  # last pass's selected scope, now with nothing pending
     waiting: dict[int, list[int]]         # marker/pointer -> pending inodes it waits for
     gated: dict[int, str]                 # marker -> scope it waits on other nodes for
     scopes: dict[int, Scope]              # committed scopes with pending files
@@ -81,7 +80,6 @@ def plan(rows: Sequence[Row], rename_scopes: Mapping[int, int], rules: ScopeRule
     waiting, gated = _gates(rows, rules, gate)
     ready = {r.ino for r in rows if r.startable and r.ino not in waiting and r.ino not in gated}
 
-    finished = selected if selected is not None and selected not in scopes else None
     if selected not in scopes or not started:  # nothing of it sent yet: a newer commit may still win
         pick = _pick(scopes, newest_durable_seq, old_ok, pinned, prefer_old)
         if pick is not None and pick != selected:
@@ -92,7 +90,7 @@ def plan(rows: Sequence[Row], rename_scopes: Mapping[int, int], rules: ScopeRule
     _inherit(priority, waiting)
     start = sorted((ino for ino in ready if priority[ino][0] < 2), key=priority.__getitem__)
     return Plan(start=start[:room], priority=priority, selected=selected, prefer_old=prefer_old,
-                finished=finished, waiting=waiting, gated=gated, scopes=scopes)
+                waiting=waiting, gated=gated, scopes=scopes)
 
 
 def _committed_scopes(rows: Sequence[Row], rename_scopes: Mapping[int, int], rules: ScopeRules) -> dict[int, Scope]:

@@ -104,7 +104,7 @@ class SpaceGuard:
 
     def _drain_can_make_room(self) -> bool:
         view = self.drain.view
-        return view.queued_files + view.uploading_files > 0 or bool(self.drain.busy_inodes)
+        return view.queued_files + view.uploading_files > 0 or bool(self.drain.jobs)
 
     def evictable(self) -> list[tuple[int, int]]:
         """(inode, size) of durable, cached, closed files, least recently used first."""
