@@ -16,6 +16,7 @@ from gateway import cluster_records as rec
 from gateway.cluster import Cluster, load_identity
 from gateway.config import Config
 from gateway.errors import StoreError
+from gateway.scopes import ScopeRules
 from gateway.journal import Journal
 from gateway.namespace import ROOT_INODE, Namespace
 from gateway.remote_ns import RemoteNamespace, coalesce
@@ -226,3 +227,17 @@ def test_namespace_records_apply_on_the_other_node(s3_server, bucket, tmp_path):
                     await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
     run_with_store(s3_server, bucket, scenario)
+
+
+def test_staged_keys_name_the_root_the_writer_and_the_path_and_never_a_checkpoint_name():
+    from gateway.staging import held_root, parse_staged_key, staged_key, staged_path
+
+    rules = ScopeRules()
+    path = "run 1/5.orbax-checkpoint-tmp-9/default.orbax-checkpoint-tmp-9/array_metadatas/process_1"
+    root = held_root(path, rules)
+    assert root == "run 1/5.orbax-checkpoint-tmp-9" and held_root("run1/5/x", rules) is None
+    key = staged_key(root, "b@inc1", path[len(root) + 1:])
+    assert key.startswith(".ckptfs/staged/run%201%2F5.orbax-checkpoint-tmp-9/b@inc1/")
+    assert parse_staged_key(key) == (root, "b@inc1", path[len(root) + 1:])
+    assert staged_path(key) == path
+    assert parse_staged_key("run1/5/x") is None and staged_path(".ckptfs/staged/x") is None
