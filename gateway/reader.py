@@ -20,7 +20,7 @@ from gateway.cache import CacheFiles
 from gateway.errors import FsError, JournalError, NoSuchKey, StoreError
 from gateway.namespace import Namespace
 from gateway.retry import retrying
-from gateway.staging import staged_path
+from gateway.staging import parse_staged_key, staged_key
 from gateway.store import METADATA_DIGEST, Store
 
 log = logging.getLogger(__name__)
@@ -154,15 +154,17 @@ class Reader:
 
     async def _head(self, ino: int, key: str) -> tuple[str, dict]:
         """HEAD of the object holding the content. A staged object (another node's file under a
-        temporary name, gateway/staging.py) that is gone was copied to the file's final key by its
-        writer: read that."""
+        temporary name, gateway/staging.py) that is gone was moved by its writer: staged again
+        under the file's new name below the same temporary directory, or copied to its final key."""
         try:
             return key, await retrying(f"HEAD {key}", lambda: self.store.head_object(key), on_retry=self._count_retry)
         except NoSuchKey:
-            final = self.ns.path_of(ino)
-            if staged_path(key) is None or final is None:
+            parsed, path = parse_staged_key(key), self.ns.path_of(ino)
+            if parsed is None or path is None:
                 raise
-            return final, await retrying(f"HEAD {final}", lambda: self.store.head_object(final),
+            root, member, _ = parsed
+            moved = staged_key(root, member, path[len(root) + 1:]) if path.startswith(root + "/") else path
+            return moved, await retrying(f"HEAD {moved}", lambda: self.store.head_object(moved),
                                          on_retry=self._count_retry)
 
     def _failed(self, fetch: Fetch, path: str, message: str) -> None:
