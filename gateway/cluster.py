@@ -207,7 +207,8 @@ class Cluster:
                     commit.scope == path or commit.scope.startswith(inside) or not path):
                 return True
         for answer in self.answers.values():
-            if not answer.committed and (answer.scope == path or answer.scope.startswith(inside) or not path):
+            if not answer.committed and not answer.commit_id.startswith(rec.FENCE) and (
+                    answer.scope == path or answer.scope.startswith(inside) or not path):
                 return True
         return False
 
@@ -358,7 +359,9 @@ class Cluster:
             if not answer.answered and not answer.fresh:
                 await self._try_answer(answer)
         for answer in list(self.answers.values()):
-            if answer.commit_id not in open_ids and not answer.committed:
+            if answer.commit_id not in open_ids and answer.commit_id.startswith(rec.FENCE):
+                del self.answers[answer.commit_id]  # a fence has no outcome: its node is done with it
+            elif answer.commit_id not in open_ids and not answer.committed:
                 await self._learn_outcome(answer)
 
     async def _try_answer(self, answer: Answer) -> None:
@@ -724,7 +727,7 @@ class Cluster:
                   if lease.renewed_at >= server_now - self.ttl_s and lease.member != self.member}
         if not others:
             return
-        fence_id = "fence-" + rec.new_commit_id()
+        fence_id = rec.FENCE + rec.new_commit_id()
         self.fence_ids.add(fence_id)
         fence.put_at = time.time()
         await self.store.put_record(rec.pending_key(fence.root, fence_id), b"")

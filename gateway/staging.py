@@ -135,6 +135,6 @@ class Staging:
 
     def has_stale_own(self) -> bool:
         """Whether a staged object of ours still waits for its delete (after its copy)."""
-        prefix_rows = self.journal.all(
-            f"SELECT key FROM objects WHERE inode IS NULL AND substr(key, 1, {len(STAGED)}) = ?", (STAGED,))
-        return any(not self.is_foreign(k) for (k,) in prefix_rows)
+        rows = self.journal.all("SELECT key FROM objects WHERE key >= ? AND key < ? AND inode IS NULL",
+                                (STAGED, STAGED[:-1] + "0"))  # the key range of STAGED (an index lookup)
+        return any(not self.is_foreign(k) for (k,) in rows)
