@@ -243,10 +243,11 @@ class Drain:
                 self.journal.execute("UPDATE inodes SET durable=1 WHERE id=?", (ino,))
                 continue
             path, ancestors, temporary = lineage
-            held = temporary and now - changed_at < self.config.hold_limit_s and not self._staged(path)
-            if held and published:
+            held = temporary and now - changed_at < self.config.hold_limit_s
+            staged = held and self._staged(path)  # uploaded to a staged key: never a marker or a scope
+            if held and published and not staged:
                 self._release_old_names(ino, mode, changed_gen)
-            startable = (ready_seq is not None and not held and changed_at <= quiet_since
+            startable = (ready_seq is not None and (staged or not held) and changed_at <= quiet_since
                          and ino not in self.jobs and self.ns.writers(ino) == 0
                          and self.not_before.get(ino, 0) <= now)
             rows.append(scheduler.Row(ino, path, ancestors, ready_seq, stat.S_ISDIR(mode), held, startable))
@@ -345,7 +346,7 @@ class Drain:
 
     def held(self, path: str, changed_at: float, now: float) -> bool:
         """Whether the drain holds this path back now: a temporary name within the hold limit."""
-        return self.rules.is_held(path) and now - changed_at < self.config.hold_limit_s
+        return self.rules.is_held(path) and now - changed_at < self.config.hold_limit_s and not self._staged(path)
 
     def is_held(self, path: str) -> bool:
         return self.rules.is_held(path)
