@@ -6,6 +6,11 @@ live lease when the marker was closed answers with its manifest for the scope on
 of it are durable; the marker is published when every one of them has answered. A node lost
 before answering blocks the commit for good: the marker never shows over a missing shard.
 
+A directory renamed into place is gated the same way through its closing file (its newest file,
+gateway/scheduler.py). Before this node lists (or misses a name in) a temporary directory it
+made, a *fence* asks every other live node to stage its files there (gateway/staging.py) and
+adopts them; fences reuse the pending/answer records and are never committed.
+
 `Cluster` is the drain's `CommitGate` (gateway/drain.py; without --cluster the drain's gate is
 always open). It announces a commit as soon as a marker is closed, not only when the drain first
 asks, so other nodes answer while this node's own files are still uploading. Everything here runs
