@@ -6,6 +6,11 @@ live lease when the marker was closed answers with its manifest for the scope on
 of it are durable; the marker is published when every one of them has answered. A node lost
 before answering blocks the commit for good: the marker never shows over a missing shard.
 
+A directory renamed into place is gated the same way through its closing file (its newest file,
+gateway/scheduler.py). Before this node lists (or misses a name in) a temporary directory it
+made, a *fence* asks every other live node to stage its files there (gateway/staging.py) and
+adopts them; fences reuse the pending/answer records and are never committed.
+
 `Cluster` is the drain's `CommitGate` (gateway/drain.py; without --cluster the drain's gate is
 always open). It announces a commit as soon as a marker is closed, not only when the drain first
 asks, so other nodes answer while this node's own files are still uploading. Everything here runs
@@ -31,6 +36,7 @@ from gateway.errors import NoSuchKey, StoreError
 from gateway.journal import Journal
 from gateway.namespace import SUBTREE_CTE, Namespace
 from gateway.scopes import ScopeRules
+from gateway.staging import Staging, parse_staged_key, staged_path, staged_prefix
 from gateway.store import Store
 
 if TYPE_CHECKING:  # annotations only
@@ -43,6 +49,7 @@ WAITING_FILES_SHOWN = 20    # pending paths a node reports per scope in its leas
 LOCAL_CHECK_S = 0.05        # how often closed markers and our unanswered commits are looked at locally
 ANSWER_CHECK_S = 0.1        # how often a holder lists the answers to its commit
 FORGET_AFTER_S = 600.0      # finished commits are forgotten this long after they finished
+FENCE_TIMEOUT_S = 10.0      # how long a readdir or lookup in a temporary directory waits for other nodes
 RETRY_BASE_S = 0.25
 RETRY_MAX_S = 10.0
 
@@ -95,6 +102,16 @@ class Answer:
     commit_id: str
     answered: bool = False
     committed: bool = False
+    fresh: bool = True  # not answered before the namespace log was read after it was seen (renames)
+
+
+@dataclasses.dataclass
+class Fence:
+    """A request to every other node: stage what you closed under this temporary directory."""
+
+    root: str
+    put_at: float | None = None
+    done: trio.Event = dataclasses.field(default_factory=trio.Event)
 
 
 class Cluster:
@@ -120,6 +137,9 @@ class Cluster:
         self.lease_errors = 0
         self.namespace: RemoteNamespace | None = None  # set by the daemon
         self.rules = ScopeRules(config.marker_patterns, config.pointer_patterns, config.hold_patterns)
+        self.staging = Staging(ns, journal, self.rules, self.member)
+        self._fences: dict[str, Fence] = {}
+        self.fence_ids: set[str] = set()
         self._nursery: trio.Nursery | None = None
         self._lease_wake = trio.Event()
         self._poll_wake = trio.Event()
@@ -192,7 +212,8 @@ class Cluster:
                     commit.scope == path or commit.scope.startswith(inside) or not path):
                 return True
         for answer in self.answers.values():
-            if not answer.committed and (answer.scope == path or answer.scope.startswith(inside) or not path):
+            if not answer.committed and not answer.commit_id.startswith(rec.FENCE) and (
+                    answer.scope == path or answer.scope.startswith(inside) or not path):
                 return True
         return False
 
@@ -294,7 +315,7 @@ class Cluster:
             self._local_wake = trio.Event()
             try:
                 self._announce_closed_markers()
-                for answer in [a for a in self.answers.values() if not a.answered]:
+                for answer in [a for a in self.answers.values() if not a.answered and not a.fresh]:
                     await self._try_answer(answer)
             except StoreError as exc:
                 log.info("cluster: answer failed (%s); retried at the next poll", exc)
@@ -310,6 +331,9 @@ class Cluster:
             await self._poll_pending()
             if self.namespace is not None:
                 await self.namespace.poll_log()
+            for answer in [a for a in self.answers.values() if a.fresh]:
+                answer.fresh = False  # a rename recorded before the announcement is applied by now
+                await self._try_answer(answer)
 
     # ---- answering other nodes' commits ----------------------------------------------------
 
@@ -334,16 +358,20 @@ class Cluster:
                 continue
             scope, commit_id = parsed
             open_ids.add(commit_id)
-            if scope in self.held and self.held[scope].commit_id == commit_id:
+            if (scope in self.held and self.held[scope].commit_id == commit_id) or commit_id in self.fence_ids:
                 continue
             answer = self.answers.setdefault(commit_id, Answer(scope, commit_id))
-            if not answer.answered:
+            if not answer.answered and not answer.fresh:
                 await self._try_answer(answer)
         for answer in list(self.answers.values()):
-            if answer.commit_id not in open_ids and not answer.committed:
+            if answer.commit_id not in open_ids and answer.commit_id.startswith(rec.FENCE):
+                del self.answers[answer.commit_id]  # a fence has no outcome: its node is done with it
+            elif answer.commit_id not in open_ids and not answer.committed:
                 await self._learn_outcome(answer)
 
     async def _try_answer(self, answer: Answer) -> None:
+        if answer.answered:
+            return
         files = self._durable_files_of(answer.scope)
         if files is None:
             return
@@ -369,7 +397,7 @@ class Cluster:
             SUBTREE_CTE + "SELECT sub.i FROM sub JOIN inodes ON inodes.id = sub.i WHERE inodes.durable = 0 "
             "AND inodes.nlink > 0 AND (inodes.mode & 61440) <> 16384", (ino,))
         pending_dirs = self.ns.subtree_has_pending(ino)
-        if pending or pending_dirs:
+        if pending or pending_dirs or self.staging.has_stale_own():  # staged copies go before the answer
             paths = [self.ns.path_of(i) for (i,) in pending[:WAITING_FILES_SHOWN]]
             info = {"pending_files": [p for p in paths if p], "pending_count": len(pending)}
             if self.waiting.get(scope) != info:
@@ -460,6 +488,8 @@ class Cluster:
         return self.ns.getattr(ino).changed_at or time.time()
 
     async def _announce(self, commit: HeldCommit) -> None:
+        while self.namespace is not None and self.namespace.unwritten:
+            await trio.sleep(0.02)  # a rename into place is recorded before its commit is announced
         leases, server_now = await self._list_leases()
         closed_ago = max(0.0, time.time() - min(self._closed_at(m) for m in commit.markers))
         required = rec.required_members(leases, self.member, server_now - closed_ago - self.ttl_s)
@@ -642,7 +672,14 @@ class Cluster:
         if not parent_path and text == rec.PRIVATE_DIR:
             return False
         path = f"{parent_path}/{text}" if parent_path else text
+        root = self.staging.owned_root(parent_path) if parent_path else None
+        if root is not None and parent in self.staging.remote_dirs:
+            await self.fence(root)  # a directory another node made in ours: its files are staged
+            if self.ns.child_id(parent, name) is not None:
+                return True
         with trio.move_on_after(self.config.remote_lookup_timeout_s):
+            if root is not None and await self._adopt_staged_listing(root) and self.ns.child_id(parent, name):
+                return True
             if self.namespace is not None:
                 async with self._poll_lock:
                     await self.namespace.poll_log()
@@ -657,6 +694,102 @@ class Cluster:
         log.info("cluster: lookup of %s in the bucket timed out after %.1fs; answering ENOENT", path,
                  self.config.remote_lookup_timeout_s)
         return False
+
+    # ---- staged files under our temporary directories -------------------------------------
+
+    async def before_readdir(self, ino: int) -> None:
+        """A directory under a temporary directory this node made is listed: first every other node
+        stages what it closed there (a fence), so the listing shows their files."""
+        path = self.ns.path_of(ino)
+        root = self.staging.owned_root(path) if path else None
+        if root is not None:
+            await self.fence(root)
+
+    async def fence(self, root: str) -> None:
+        """Ask every other live node to stage what it closed under `root`, wait for their answers
+        (at most FENCE_TIMEOUT_S) and adopt their staged files. A request that arrives while a fence
+        is being announced joins it; one that arrives later starts the next."""
+        asked = time.time()
+        current = self._fences.get(root)
+        if current is not None and (current.put_at is None or current.put_at >= asked):
+            with trio.move_on_after(FENCE_TIMEOUT_S + 2):
+                await current.done.wait()
+            return
+        fence = self._fences[root] = Fence(root)
+        try:
+            with trio.move_on_after(FENCE_TIMEOUT_S + 2):
+                await self._run_fence(fence)
+        except StoreError as exc:
+            log.info("cluster: fence of %s failed (%s); listing what this node has", root, exc)
+        finally:
+            fence.done.set()
+            if self._fences.get(root) is fence:
+                del self._fences[root]
+
+    async def _run_fence(self, fence: Fence) -> None:
+        leases, server_now = await self._list_leases()
+        others = {lease.member for lease in leases
+                  if lease.renewed_at >= server_now - self.ttl_s and lease.member != self.member}
+        if not others:
+            return
+        fence_id = rec.FENCE + rec.new_commit_id()
+        self.fence_ids.add(fence_id)
+        fence.put_at = time.time()
+        await self.store.put_record(rec.pending_key(fence.root, fence_id), b"")
+        answered: set[str] = set()
+        try:
+            with trio.move_on_after(FENCE_TIMEOUT_S):
+                while not others <= answered:
+                    keys = [self.store.relative_key(item["Key"]) async for item in
+                            self.store.list_objects(rec.manifest_prefix(fence.root, fence_id))]
+                    answered = rec.answered_members(keys, fence.root, fence_id) & others
+                    if not others <= answered:
+                        await trio.sleep(ANSWER_CHECK_S)
+            if not others <= answered:
+                log.warning("cluster: %s: %s did not stage their files within %.0fs; listing without them",
+                            fence.root, ", ".join(sorted(others - answered)), FENCE_TIMEOUT_S)
+            for member in sorted(answered):
+                raw, _ = await self.store.get_record(rec.manifest_key(fence.root, fence_id, member))
+                self._adopt_staged(fence.root, json.loads(raw).get("files", []))
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                for key in [rec.pending_key(fence.root, fence_id),
+                            *(rec.manifest_key(fence.root, fence_id, m) for m in answered)]:
+                    try:
+                        await self.store.delete_object(key)
+                    except StoreError:
+                        pass
+            self.fence_ids.discard(fence_id)
+
+    async def _adopt_staged_listing(self, root: str) -> bool:
+        """Adopt what other nodes have staged under `root` by now (one LIST; no waiting for them)."""
+        try:
+            files = [{"key": self.store.relative_key(item["Key"]), "size": item.get("Size", 0),
+                      "etag": item.get("ETag", "")} async for item in self.store.list_objects(staged_prefix(root))]
+        except StoreError as exc:
+            log.info("cluster: listing the staged files of %s: %s", root, exc)
+            return False
+        return self._adopt_staged(root, files) > 0
+
+    def _adopt_staged(self, root: str, files: list[dict]) -> int:
+        """Show other nodes' staged files of `root` here, under their temporary names (local names win)."""
+        added = 0
+        for item in files:
+            key = item.get("key", "")
+            parsed = parse_staged_key(key)
+            path = staged_path(key)
+            if parsed is None or path is None or parsed[0] != root or parsed[1] == self.member:
+                continue
+            parent_path, _, name = path.rpartition("/")
+            parent = self.ns.resolve(parent_path)  # directories come from the namespace records
+            if parent is None or not self.ns.getattr(parent).is_dir:
+                continue  # renamed here since it was staged: its writer stages it again
+            name_b = name.encode("utf-8", "surrogateescape")
+            if self.ns.child_id(parent, name_b) is None:
+                self.ns.adopt_remote(parent, name_b, is_dir=False, size=int(item.get("size") or 0), key=key,
+                                     etag=item.get("etag") or "")
+                added += 1
+        return added
 
     async def _head_or_prefix(self, path: str) -> tuple[str, dict] | None:
         try:

@@ -9,6 +9,7 @@ answer a commit, who has not yet). No I/O, so the protocol's rules are unit-test
     .ckptfs/pending/<scope>/<commit-id>               index of commits still waiting for answers
     .ckptfs/retired/<node>@<incarnation>              a node unmounted with everything durable
     .ckptfs/log/<ms>-<node>-<n>~<op>~<path>[~<to>]    namespace records (mkdir, rmdir, rename)
+    .ckptfs/pending/<root>/fence-<id>                 a fence: stage your files under <root> and answer
 
 `<scope>` is the scope's path with every byte outside [A-Za-z0-9._-] percent-encoded (one key
 component, and a directory's encoding is a prefix of its descendants' encodings plus "%2F").
@@ -32,6 +33,7 @@ RETIRED = f"{PRIVATE_DIR}/retired/"
 LOG = f"{PRIVATE_DIR}/log/"
 NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 LOG_OPS = ("mkdir", "rmdir", "rename")
+FENCE = "fence-"  # a pending "commit" id that is a fence (gateway/staging.py): answered, never committed
 SEP = "~"
 
 

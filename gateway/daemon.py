@@ -131,6 +131,8 @@ async def _serve_locked(config: Config, journal: Journal, on_ready: Callable[[],
         await _at_mount(f"cannot list s3://{config.bucket}/{config.prefix}",
                         lambda: listing.sync_once(reconcile=not config.cluster), timeout_s=300)
         drain = Drain(ns, cache, store, journal, config, gate=cluster)  # sets cluster.wake = drain.wake
+        if cluster is not None:
+            drain.staging = cluster.staging
         control = Control(ns, cache, drain, journal, config)
         control.cluster = cluster
         if cluster is not None:
@@ -155,6 +157,7 @@ async def _serve_locked(config: Config, journal: Journal, on_ready: Callable[[],
             fetch_nursery.start_soon(supervised, "bucket listing", listing.run, errors)
             if cluster is not None:
                 ops.remote_lookup = cluster.lookup_remote
+                ops.before_readdir = cluster.before_readdir
                 await fetch_nursery.start(supervised, "cluster", cluster.run, errors)
             await _run_mounted(config, ops, drain, on_ready, errors, cluster)
             fetch_nursery.cancel_scope.cancel()
@@ -203,6 +206,7 @@ def _cluster(config: Config, ns: Namespace, store: Store, journal: Journal, list
 
     cluster = Cluster(ns, store, journal, config, listing=listing)
     cluster.namespace = RemoteNamespace(ns, store, cluster.node)
+    cluster.namespace.staging = cluster.staging
     log.info("cluster mode: node %s", cluster.member)
     return cluster
 

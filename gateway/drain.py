@@ -34,6 +34,7 @@ from gateway.objects import ObjectBook
 from gateway.publisher import Publisher, Superseded
 from gateway.retry import backoff_s
 from gateway.scopes import ScopeRules
+from gateway.staging import Staging
 from gateway.store import METADATA_DIGEST, METADATA_MODE, METADATA_MTIME, METADATA_SIZE, METADATA_TYPE, Store
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class Drain:
         self.counters = DrainCounters()
         self.publisher = Publisher(store, journal, self.book, config, self._count_retry, self._count_rate)
         self.gate: CommitGate = gate or OpenGate()
+        self.staging: Staging | None = None  # several nodes: files under another node's temporary directory
         self.gate.wake = self.wake  # type: ignore[attr-defined]
         self.max_jobs = config.put_concurrency + 2 * config.upload_concurrency
         self.jobs: dict[int, trio.CancelScope] = {}   # inode -> its running job
@@ -222,7 +224,8 @@ class Drain:
             rows, self._rename_scopes(), self.rules, selected=sel.selected, started=sel.started,
             prefer_old=sel.prefer_old,
             newest_durable_seq=sel.newest_durable_seq, old_ok=self._old_ok(now), pinned=self._pinned(),
-            room=max(0, self.max_jobs - len(self.jobs)), gate=self.gate.may_publish)
+            room=max(0, self.max_jobs - len(self.jobs)), gate=self.gate.may_publish,
+            gate_renames=not isinstance(self.gate, OpenGate))
         self._remember(plan, now)
         for ino in plan.start:
             self._start(nursery, ino)
@@ -241,9 +244,10 @@ class Drain:
                 continue
             path, ancestors, temporary = lineage
             held = temporary and now - changed_at < self.config.hold_limit_s
-            if held and published:
+            staged = held and self._staged(path)  # uploaded to a staged key: never a marker or a scope
+            if held and published and not staged:
                 self._release_old_names(ino, mode, changed_gen)
-            startable = (ready_seq is not None and not held and changed_at <= quiet_since
+            startable = (ready_seq is not None and (staged or not held) and changed_at <= quiet_since
                          and ino not in self.jobs and self.ns.writers(ino) == 0
                          and self.not_before.get(ino, 0) <= now)
             rows.append(scheduler.Row(ino, path, ancestors, ready_seq, stat.S_ISDIR(mode), held, startable))
@@ -342,10 +346,20 @@ class Drain:
 
     def held(self, path: str, changed_at: float, now: float) -> bool:
         """Whether the drain holds this path back now: a temporary name within the hold limit."""
-        return self.rules.is_held(path) and now - changed_at < self.config.hold_limit_s
+        return self.rules.is_held(path) and now - changed_at < self.config.hold_limit_s and not self._staged(path)
 
     def is_held(self, path: str) -> bool:
         return self.rules.is_held(path)
+
+    def _staged(self, path: str) -> bool:
+        """Under a temporary directory another node made: uploaded to a staged key (gateway/staging.py)."""
+        return self.staging is not None and self.staging.stages(path)
+
+    def _key_of(self, path: str, is_dir: bool) -> str:
+        if is_dir:
+            return path + "/"
+        staged = self.staging.key_for(path) if self.staging is not None else None
+        return staged or path
 
     def _start(self, nursery: trio.Nursery, ino: int) -> None:
         """Start the inode's job if it can claim its key and every key it may copy from."""
@@ -353,7 +367,7 @@ class Drain:
         path = self.ns.path_of(ino) if is_dir else self.publish_name(ino)
         if path is None:
             return
-        key = path + "/" if is_dir else path
+        key = self._key_of(path, is_dir)
         claim = {key, *self.book.keys_of(ino), *([] if is_dir else self.ns.paths_of(ino))}
         if claim & self.busy_keys:
             return
@@ -436,7 +450,7 @@ class Drain:
         fresh = self.ns.getattr(ino)
         path = self.ns.path_of(ino) if fresh.is_dir else self.publish_name(ino)
         if (fresh.durable or fresh.nlink == 0 or fresh.ready_seq is None or self.ns.writers(ino) > 0
-                or path is None or (path + "/" if fresh.is_dir else path) != key):
+                or path is None or self._key_of(path, fresh.is_dir) != key):
             raise Superseded("changed before its upload started")
         return fresh
 
@@ -611,6 +625,10 @@ class Drain:
     def _due_deletes(self, now: float) -> list[str]:
         candidates = [key for key, _ in self.book.stale(SCAN_LIMIT)
                       if key not in self.busy_keys and self.not_before.get(key, 0) <= now and not self.book.wanted(key)]
+        if self.staging is not None:  # another node's staged object is that node's to delete
+            for key in [k for k in candidates if self.staging.is_foreign(k)]:
+                self.book.deleted(key)
+                candidates.remove(key)
         return scheduler.plan_deletes(candidates, self.rules)
 
     async def _sync_journal(self) -> None:

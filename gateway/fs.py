@@ -93,6 +93,7 @@ class Operations(pyfuse3.Operations):
         # With --cluster: async (parent, name) -> bool, one bounded look at the bucket after a miss
         # (the one network wait a FUSE request may make: another node may have made the name).
         self.remote_lookup = None
+        self.before_readdir = None  # several nodes: other nodes stage files in our temporary directories
         self._fh_counter = itertools.count(1)
         self.op_counts: dict[str, int] = {}
         self._write_locks: dict[int, trio.Lock] = {}  # inodes with a write in a worker thread
@@ -200,6 +201,8 @@ class Operations(pyfuse3.Operations):
     async def opendir(self, inode, ctx):
         if not self.ns.getattr(inode).is_dir:
             raise FsError(errno.ENOTDIR)
+        if self.before_readdir is not None:
+            await self.before_readdir(inode)
         return inode
 
     @fuse_errors

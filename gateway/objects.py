@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 from gateway.journal import Journal
 from gateway.namespace import Namespace
+from gateway.staging import staged_path
 
 
 class ObjectBook:
@@ -32,7 +33,8 @@ class ObjectBook:
 
     def record(self, key: str, ino: int, size: int, digest: str, etag: str, gen: int) -> None:
         """The bucket now holds `key`; it belongs to `ino` only if `ino` still has that name."""
-        live = key.rstrip("/") in self.ns.paths_of(ino)
+        paths = self.ns.paths_of(ino)
+        live = key.rstrip("/") in paths or staged_path(key) in paths  # a staged key: gateway/staging.py
         self.journal.execute(
             "INSERT OR REPLACE INTO objects (key, inode, size, digest, etag, stale_gen) VALUES (?, ?, ?, ?, ?, ?)",
             (key, ino if live else None, size, digest, etag, None if live else gen))

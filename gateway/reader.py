@@ -17,9 +17,10 @@ import trio
 import xxhash
 
 from gateway.cache import CacheFiles
-from gateway.errors import FsError, JournalError, StoreError
+from gateway.errors import FsError, JournalError, NoSuchKey, StoreError
 from gateway.namespace import Namespace
 from gateway.retry import retrying
+from gateway.staging import parse_staged_key, staged_key
 from gateway.store import METADATA_DIGEST, Store
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ class Reader:
         try:
             if key is None:
                 raise StoreError("no object holds this file's content", transient=False)
-            head = await retrying(f"HEAD {key}", lambda: self.store.head_object(key), on_retry=self._count_retry)
+            key, head = await self._head(fetch.ino, key)
             expected = head.get("Metadata", {}).get(METADATA_DIGEST)
             if int(head["ContentLength"]) != fetch.size:
                 raise StoreError(f"object {key} has {head['ContentLength']} bytes, expected {fetch.size}",
@@ -150,6 +151,21 @@ class Reader:
                 event.set()
             fetch.finished.set()
             self.fetches.pop(fetch.ino, None)
+
+    async def _head(self, ino: int, key: str) -> tuple[str, dict]:
+        """HEAD of the object holding the content. A staged object (another node's file under a
+        temporary name, gateway/staging.py) that is gone was moved by its writer: staged again
+        under the file's new name below the same temporary directory, or copied to its final key."""
+        try:
+            return key, await retrying(f"HEAD {key}", lambda: self.store.head_object(key), on_retry=self._count_retry)
+        except NoSuchKey:
+            parsed, path = parse_staged_key(key), self.ns.path_of(ino)
+            if parsed is None or path is None:
+                raise
+            root, member, _ = parsed
+            moved = staged_key(root, member, path[len(root) + 1:]) if path.startswith(root + "/") else path
+            return moved, await retrying(f"HEAD {moved}", lambda: self.store.head_object(moved),
+                                         on_retry=self._count_retry)
 
     def _failed(self, fetch: Fetch, path: str, message: str) -> None:
         """Readers waiting on the fetch get EIO; its partial bytes go (they would fill the disk,

@@ -20,6 +20,7 @@ import trio
 from gateway import cluster_records as rec
 from gateway.errors import FsError, NoSuchKey, StoreError
 from gateway.namespace import ROOT_INODE, Namespace
+from gateway.staging import STAGED, Staging
 from gateway.store import Store
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ class RemoteNamespace:
         self.seen_until = time.time() - LOG_SKEW_S
         self.applied = 0
         self.applying = False
+        self.unwritten = 0         # records queued or being written (a commit waits for its rename's)
+        self.staging: Staging | None = None
         self._n = 0
         self._wake = trio.Event()
         ns.on_event = self.note_event
@@ -50,7 +53,10 @@ class RemoteNamespace:
         """A local directory change (sync, from the namespace): queue its record."""
         if self.applying or not path or path.split("/")[0] == rec.PRIVATE_DIR:
             return
+        if op == "rename" and to and self.staging is not None:
+            self.staging.settle_foreign(to)  # other nodes' staged files are theirs to copy
         self.outbox.append((op, path, to))
+        self.unwritten += 1
         self._wake.set()
 
     async def run(self) -> None:
@@ -60,9 +66,10 @@ class RemoteNamespace:
             if any(op == "rmdir" for op, _, _ in self.outbox):
                 await trio.sleep(COALESCE_S)  # rm -r: the rest of the tree follows at once
             self._wake = trio.Event()
-            batch, self.outbox = coalesce(self.outbox), []
-            for op, path, to in batch:
+            queued, self.outbox = self.outbox, []
+            for op, path, to in coalesce(queued):
                 await self._write_with_retry(op, path, to)
+            self.unwritten -= len(queued)
             await self._expire_own()
 
     async def _write_with_retry(self, op: str, path: str, to: str | None) -> None:
@@ -97,7 +104,8 @@ class RemoteNamespace:
             key = self.store.relative_key(item["Key"])
             if item["LastModified"].timestamp() <= cutoff and self.ns.resolve(key.rstrip("/")) is None:
                 doomed.append(key)
-        for prefix in rec.scope_records_prefixes(path):
+        quoted = rec.quote_path(path)
+        for prefix in [*rec.scope_records_prefixes(path), f"{STAGED}{quoted}/", f"{STAGED}{quoted}%2F"]:
             async for item in self.store.list_objects(prefix):
                 doomed.append(self.store.relative_key(item["Key"]))
         for key in doomed:
@@ -142,7 +150,10 @@ class RemoteNamespace:
         self.applying = True
         try:
             if record.op == "mkdir":
+                fresh_root = self.staging.new_root(record.path) if self.staging is not None else None
                 self.ensure_dirs(record.path)
+                if fresh_root is not None and self.staging is not None:
+                    self.staging.note_made_elsewhere(fresh_root)
             elif record.op == "rmdir":
                 self._remove(record.path)
             elif record.op == "rename":
@@ -162,6 +173,8 @@ class RemoteNamespace:
             child = self.ns.child_id(ino, name)
             if child is None:
                 child = self.ns.adopt_remote(ino, name, is_dir=True)
+                if self.staging is not None:
+                    self.staging.remote_dirs.add(child)
             elif not self.ns.getattr(child).is_dir:
                 return None
             ino = child
@@ -190,8 +203,12 @@ class RemoteNamespace:
         target = self.ns.child_id(new_parent, new_name)
         if target is None:
             self.ns.rename(old_parent, old_name, new_parent, new_name, 0)
+            # the node that renamed it commits the scope (and gates it); here its files just follow
+            self.ns.journal.execute("DELETE FROM scopes WHERE root=?", (ino,))
         elif self.ns.getattr(target).is_dir:
             self._merge(ino, target)
+        if self.staging is not None:
+            self.staging.forget(path)
         forget_kernel_entry(old_parent, old_name)
         log.info("%s was renamed to %s on another node: renamed here too", path, to)
 
@@ -202,6 +219,7 @@ class RemoteNamespace:
             existing = self.ns.child_id(target, name)
             if existing is None:
                 self.ns.rename(source, name, target, name, 0)
+                self.ns.journal.execute("DELETE FROM scopes WHERE root=?", (child,))
             elif self.ns.getattr(existing).is_dir and self.ns.getattr(child).is_dir:
                 self._merge(child, existing)
         if not self.ns.has_children(source):

@@ -4,7 +4,8 @@ Rules (docs/SEMANTICS.md, "Commit scopes"):
 1. Only markers and pointers wait. A commit marker starts once every file of its scope (its
    directory's subtree) that became ready before it is durable, and the commit gate (other nodes)
    agrees. A pointer starts once every file under its directory that became ready before it is
-   durable. Everything else starts as soon as it is due.
+   durable. Everything else starts as soon as it is due. With several nodes (`gate_renames`), a
+   directory renamed into place has a *closing file* that waits like a marker (`_gate_renamed_dirs`).
 2. Bandwidth goes to committed scopes, newest first and without preemption: the drain *selects*
    the newest committed scope and keeps it selected until nothing of it is pending; then it selects
    the newest one at that moment. No second scope is started alongside: under continuous
@@ -70,14 +71,17 @@ class Plan:
 def plan(rows: Sequence[Row], rename_scopes: Mapping[int, int], rules: ScopeRules, *,
          selected: int | None = None, newest_durable_seq: int | None = None, old_ok: Set[int] = frozenset(),
          started: bool = True, pinned: Set[int] = frozenset(), prefer_old: bool = False, room: int = 1 << 30,
-         gate: Callable[[str, str], bool] = lambda scope, marker: True) -> Plan:
+         gate: Callable[[str, str], bool] = lambda scope, marker: True, gate_renames: bool = False) -> Plan:
     """What to start now. `rename_scopes`: root inode -> committed seq (journal table `scopes`);
     `selected`, `prefer_old` come from the last pass's plan (`started`: a job of the selected scope
     was started, so it keeps its rank), `newest_durable_seq` and `old_ok` from
-    the drain's record of finished scopes; `room` is how many jobs may start."""
+    the drain's record of finished scopes; `room` is how many jobs may start. `gate_renames`
+    (several nodes): a directory renamed into place is gated too, through its closing file (rule 1)."""
     scopes = _committed_scopes(rows, rename_scopes, rules)
     scope_of = {r.ino: _scope_of(r, scopes) for r in rows}
     waiting, gated = _gates(rows, rules, gate)
+    if gate_renames:
+        _gate_renamed_dirs(rows, scopes, scope_of, gate, waiting, gated)
     ready = {r.ino for r in rows if r.startable and r.ino not in waiting and r.ino not in gated}
 
     if selected not in scopes or not started:  # nothing of it sent yet: a newer commit may still win
@@ -156,6 +160,26 @@ def _gates(rows: Sequence[Row], rules: ScopeRules,
             if not gate(scope, w.path):
                 gated[w.ino] = scope
     return waiting, gated
+
+
+def _gate_renamed_dirs(rows: Sequence[Row], scopes: Mapping[int, Scope], scope_of: Mapping[int, int | None],
+                       gate: Callable[[str, str], bool], waiting: dict[int, list[int]], gated: dict[int, str]) -> None:
+    """A directory renamed into place, across nodes: its *closing file* (the newest pending file of
+    the scope in commit order) acts as its marker. It starts once every other pending file of the
+    scope is durable and the gate (every other node's files of the scope are durable) agrees."""
+    members: dict[int, list[Row]] = {}
+    for r in rows:
+        root = scope_of.get(r.ino)
+        if root is not None and not scopes[root].by_marker and root != r.ino and not r.is_dir \
+                and r.ready_seq is not None and not r.held:
+            members.setdefault(root, []).append(r)
+    for root, files in members.items():
+        closer = max(files, key=lambda r: (r.ready_seq, r.ino))
+        deps = [r.ino for r in files if r.ino != closer.ino]
+        if deps:
+            waiting[closer.ino] = deps
+        elif not gate(scopes[root].path, closer.path):
+            gated[closer.ino] = scopes[root].path
 
 
 def _is_old(scope: Scope, newest_durable_seq: int | None) -> bool:

@@ -95,3 +95,38 @@ def test_lost_node_marker_never_published(make_mount, throttled, tmp_path):
     new_member = "b@" + json.loads(os.getxattr(b2.path, "user.ckptfs.status"))["cluster"]["incarnation"]
     assert any(k.startswith(".ckptfs/commits/run1%2Fstep_1/") and k.endswith(new_member) for k in a.keys())
     assert commit["waiting_for"][0]["node"] != new_member
+
+
+def test_renamed_directory_commits_only_when_every_nodes_files_are_in(make_mount, throttled):
+    """A checkpoint committed by renaming a temporary directory (`step_5.tmp/` -> `step_5/`) that
+    both nodes wrote into: node b's shard is staged and then copied under the final name; node a's
+    closing file (its newest file of the scope) is never in the bucket before every shard is."""
+    a = make_mount("a", options=cluster_options("a"))
+    throttled.set_bandwidth(1 << 20)  # b's 4 MiB shard takes ~4 s
+    b = make_mount("b", options=cluster_options("b"), endpoint_url=throttled.endpoint_url)
+    client = a.s3.boto3_client()
+    with BucketWatcher(client, a.bucket, a.prefix, interval_s=0.02) as watch:
+        (a.path / "run1" / "step_5.tmp").mkdir(parents=True)
+        tmp_b = wait_until(lambda: (p := b.path / "run1" / "step_5.tmp").is_dir() and p, 10,
+                           "a's temporary directory on b")
+        (tmp_b / "shard_b").write_bytes(os.urandom(4 << 20))
+        (a.path / "run1/step_5.tmp/shard_a").write_bytes(os.urandom(1 << 20))
+        (a.path / "run1/step_5.tmp/meta.json").write_text('{"step": 5}')  # the closing file
+        os.rename(a.path / "run1/step_5.tmp", a.path / "run1/step_5")  # after the "barrier"
+        wait_until(lambda: [w for w in waiting_for(a, "run1/step_5") if w["node"].startswith("b@")], 20,
+                   "a's status to name node b as the one it waits for")
+        assert "run1/step_5/meta.json" not in a.keys()
+        a.wait("run1/step_5", timeout=60)
+        b.wait("run1/step_5", timeout=60)
+        time.sleep(0.2)
+    closing, shards = "run1/step_5/meta.json", {"run1/step_5/shard_a", "run1/step_5/shard_b"}
+    assert closing in watch.ever_seen()
+    assert watch.marker_violations(closing, shards) == []
+    keys = a.keys()
+    assert keys["run1/step_5/shard_b"] == 4 << 20
+    assert not [k for k in watch.ever_seen() if ".tmp" in k and not k.startswith(".ckptfs/")]
+    assert not [k for k in keys if k.startswith(".ckptfs/staged/")]
+    record = json.loads(client.get_object(Bucket=a.bucket, Key=f"{a.prefix}/.ckptfs/commits/run1%2Fstep_5/commit.json"
+                                          if a.prefix else ".ckptfs/commits/run1%2Fstep_5/commit.json")["Body"].read())
+    assert record["state"] == "committed" and len(record["required"]) == 2
+    assert (b.path / "run1/step_5/meta.json").read_text() == '{"step": 5}'  # one namespace on b

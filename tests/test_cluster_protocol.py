@@ -16,6 +16,7 @@ from gateway import cluster_records as rec
 from gateway.cluster import Cluster, load_identity
 from gateway.config import Config
 from gateway.errors import StoreError
+from gateway.scopes import ScopeRules
 from gateway.journal import Journal
 from gateway.namespace import ROOT_INODE, Namespace
 from gateway.remote_ns import RemoteNamespace, coalesce
@@ -225,4 +226,69 @@ def test_namespace_records_apply_on_the_other_node(s3_server, bucket, tmp_path):
                     await b.cluster.namespace.poll_log()
                     await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
+    run_with_store(s3_server, bucket, scenario)
+
+
+def test_staged_keys_name_the_root_the_writer_and_the_path_and_never_a_checkpoint_name():
+    from gateway.staging import held_root, parse_staged_key, staged_key, staged_path
+
+    rules = ScopeRules()
+    path = "run 1/5.orbax-checkpoint-tmp-9/default.orbax-checkpoint-tmp-9/array_metadatas/process_1"
+    root = held_root(path, rules)
+    assert root == "run 1/5.orbax-checkpoint-tmp-9" and held_root("run1/5/x", rules) is None
+    key = staged_key(root, "b@inc1", path[len(root) + 1:])
+    assert key.startswith(".ckptfs/staged/run%201%2F5.orbax-checkpoint-tmp-9/b@inc1/")
+    assert parse_staged_key(key) == (root, "b@inc1", path[len(root) + 1:])
+    assert staged_path(key) == path
+    assert parse_staged_key("run1/5/x") is None and staged_path(".ckptfs/staged/x") is None
+
+
+def test_fence_waits_for_the_other_nodes_staged_files_and_adopts_them(s3_server, bucket, tmp_path, monkeypatch):
+    from gateway import cluster as cluster_mod
+    from gateway.staging import staged_key
+
+    root = "run/5.orbax-checkpoint-tmp-1"
+
+    async def scenario(store):
+        a, b = Node(tmp_path, "a", store), Node(tmp_path, "b", store)
+        for n in (a, b):
+            n.cluster.namespace.staging = n.cluster.staging
+        await a.cluster.register()
+        await b.cluster.register()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.cluster.run)
+            a.write(f"{root}/array_metadatas/process_0")
+            with trio.fail_after(10):  # a's mkdir records reach b: the root was made elsewhere
+                while b.ns.resolve(f"{root}/array_metadatas") is None:
+                    await b.cluster.poll_once()
+            assert b.cluster.staging.stages(f"{root}/array_metadatas/process_1")
+            assert not a.cluster.staging.stages(f"{root}/array_metadatas/process_0")
+            ino = b.write(f"{root}/array_metadatas/process_1")
+            fenced = trio.Event()
+
+            async def fence():
+                await a.cluster.fence(root)
+                fenced.set()
+            nursery.start_soon(fence)
+            await trio.sleep(0.3)
+            await b.cluster.poll_once()  # b's file is not staged yet: no answer
+            await trio.sleep(0.3)
+            assert not fenced.is_set()
+            key = staged_key(root, b.cluster.member, "array_metadatas/process_1")
+            b.journal.execute("INSERT INTO objects (key, inode, size, digest, etag) VALUES (?, ?, 6, 'd', 'e')",
+                              (key, ino))
+            b.journal.execute("UPDATE inodes SET durable=1")
+            await b.cluster.poll_once()
+            with trio.fail_after(5):
+                await fenced.wait()
+            adopted = a.ns.resolve(f"{root}/array_metadatas/process_1")
+            assert adopted is not None and a.ns.remote_key(adopted) == key and a.ns.getattr(adopted).size == 6
+            assert not b.cluster.blocks_durable("run")  # a fence never makes anything pending
+            # a node that never answers: the fence gives up after its bound
+            monkeypatch.setattr(cluster_mod, "FENCE_TIMEOUT_S", 0.5)
+            with trio.fail_after(5):
+                await a.cluster.fence(root)
+            nursery.cancel_scope.cancel()
+        keys = [store.relative_key(item["Key"]) async for item in store.list_objects(rec.PENDING)]
+        assert keys == []  # the fences' records are gone
     run_with_store(s3_server, bucket, scenario)

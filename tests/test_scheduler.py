@@ -287,3 +287,26 @@ def test_a_selected_scope_nothing_of_which_was_sent_yields_to_a_newer_commit():
     scopes = {t.dirs["1"]: 10, t.dirs["2"]: 20}
     assert plan(t.rows, scopes, RULES, selected=p.selected, started=False).selected == t.dirs["2"]
     assert plan(t.rows, scopes, RULES, selected=p.selected, started=True).selected == t.dirs["1"]
+
+
+def test_several_nodes_a_renamed_directory_publishes_its_closing_file_last_and_through_the_gate():
+    t = Tree()
+    shard = t.file("step_5/shard_a", 10)
+    closing = t.file("step_5/meta.json", 11)  # the renaming node's newest file of the scope
+    scopes = {t.dirs["step_5"]: 9}
+    asked = []
+    gate = lambda scope, m: asked.append((scope, m)) or False  # noqa: E731
+    p = plan(t.rows, scopes, RULES, gate=gate, gate_renames=True)
+    assert p.start == [shard] and p.waiting == {closing: [shard]} and asked == []
+    t.rows = [r for r in t.rows if r.ino != shard]  # its shard is durable: now the gate decides
+    p = plan(t.rows, scopes, RULES, gate=gate, gate_renames=True)
+    assert asked == [("step_5", "step_5/meta.json")] and p.gated == {closing: "step_5"} and p.start == []
+    assert plan(t.rows, scopes, RULES, gate=lambda s, m: True, gate_renames=True).start == [closing]
+    assert plan(t.rows, scopes, RULES).start == [closing]  # one node: a rename scope is not gated
+
+
+def test_several_nodes_a_single_file_renamed_into_place_is_not_gated():
+    t = Tree()
+    single = t.file("model.pt", 12)
+    p = plan(t.rows, {single: 12}, RULES, gate=lambda s, m: False, gate_renames=True)
+    assert p.start == [single] and p.gated == {}
