@@ -313,7 +313,10 @@ def run_model(make_mount, tmp_path, s3_server, seeds: list[int], steps: int) -> 
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=a.bucket, Prefix=full):
             for item in page.get("Contents", []):
                 rel = item["Key"][len(full):]
-                body = client.get_object(Bucket=a.bucket, Key=item["Key"])["Body"].read()
+                try:
+                    body = client.get_object(Bucket=a.bucket, Key=item["Key"])["Body"].read()
+                except client.exceptions.NoSuchKey:  # deleted since the LIST: not there
+                    continue
                 out[rel] = None if rel == "" or rel.endswith("/") else hashlib.sha256(body).hexdigest()
         return out
 
