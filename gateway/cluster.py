@@ -46,8 +46,12 @@ log = logging.getLogger(__name__)
 
 ACTIVE_WINDOW_S = 60.0      # poll fast this long after the last local change
 WAITING_FILES_SHOWN = 20    # pending paths a node reports per scope in its lease
-LOCAL_CHECK_S = 0.05        # how often closed markers and our unanswered commits are looked at locally
-ANSWER_CHECK_S = 0.1        # how often a holder lists the answers to its commit
+LOCAL_CHECK_S = 0.05        # a burst of local changes is looked at once, this long after the first
+FAST_POLL_S = 0.025         # the shortest wait between two looks at a commit someone waits for
+POLL_SHARE = 0.05           # ... otherwise a twentieth of the time waited so far (at most cluster_poll_s):
+                            # learning late costs at most 5% of the commit's own time
+OUTCOME_GETS_PER_S = 1000   # all nodes' GETs of one commit record stay under this (N nodes poll it)
+WATCH_WINDOW_S = 2.0        # a commit is watched this long after a wait looked at its scope
 FORGET_AFTER_S = 600.0      # finished commits are forgotten this long after they finished
 FENCE_TIMEOUT_S = 10.0      # how long a readdir or lookup in a temporary directory waits for other nodes
 RETRY_BASE_S = 0.25
@@ -82,6 +86,9 @@ class HeldCommit:
     required: list[str] = dataclasses.field(default_factory=list)
     answered: set[str] = dataclasses.field(default_factory=set)
     state: str = "announcing"  # announcing | waiting | granted | committed | conflict | abandoned
+    wake: trio.Event = dataclasses.field(default_factory=trio.Event)  # look at the answers now
+    retired_checked_at: float = 0.0  # when retired/ may be listed again
+    local_durable: bool = False  # the drain has asked: this node's files of the scope are durable
     etag: str | None = None
     alone: bool = False
     error: str | None = None
@@ -103,6 +110,8 @@ class Answer:
     answered: bool = False
     committed: bool = False
     fresh: bool = True  # not answered before the namespace log was read after it was seen (renames)
+    seen_at: float = dataclasses.field(default_factory=time.time)
+    members: int = 0  # how many nodes must answer (from the commit record, once read)
 
 
 @dataclasses.dataclass
@@ -147,12 +156,20 @@ class Cluster:
         self._last_change = time.time()
         self._poll_lock = trio.Lock()
         self._local_wake = trio.Event()
+        self._durable_wake = trio.Event()      # set (and replaced) when a local file becomes durable
+        self._outcome_wake = trio.Event()      # an answer was sent, or a wait began looking
+        self._watched_until = 0.0              # someone waits for a commit this node answered
+        self._had_pending = False
+        self._ns_changed = False
 
     # ---- the gate ---------------------------------------------------------------------------
 
     def may_publish(self, scope: str, marker: str) -> bool:
         try:
             commit = self._commit_for(scope, marker)
+            if commit is not None and not commit.local_durable:
+                commit.local_durable = True  # the drain asks once our files of the scope are durable:
+                commit.wake.set()            # look at the answers now
             return commit is not None and commit.granted
         except Exception:  # never raise into the drain
             log.exception("cluster gate failed for %s", scope)
@@ -171,6 +188,19 @@ class Cluster:
         elif marker not in commit.markers:
             commit.markers.append(marker)  # a later marker of the same round shares its answers
         return commit
+
+    def note_durable(self) -> None:
+        """The drain made a local file durable: answer, or look for the marker, without polling."""
+        self._durable_wake.set()
+        self._durable_wake = trio.Event()
+        self._local_wake.set()
+
+    def _poll_interval(self, waited_s: float, members: int = 0) -> float:
+        """How long until the next look at a commit that has been waited for `waited_s`: fast at
+        first, then a twentieth of the time waited (at most cluster_poll_s); never so fast that
+        `members` nodes polling one record together exceed OUTCOME_GETS_PER_S."""
+        return min(self.config.cluster_poll_s,
+                   max(FAST_POLL_S, POLL_SHARE * waited_s, members / OUTCOME_GETS_PER_S))
 
     def _announce_closed_markers(self) -> None:
         """Start the round of every closed, unpublished marker now (the drain asks only once this
@@ -214,8 +244,15 @@ class Cluster:
         for answer in self.answers.values():
             if not answer.committed and not answer.commit_id.startswith(rec.FENCE) and (
                     answer.scope == path or answer.scope.startswith(inside) or not path):
+                self._watch()
                 return True
         return False
+
+    def _watch(self) -> None:
+        """Someone (ckptfs wait, the shim's wait_durable) waits for a commit of another node."""
+        if time.time() >= self._watched_until:
+            self._outcome_wake.set()
+        self._watched_until = time.time() + WATCH_WINDOW_S
 
     def status(self) -> dict:
         now = time.time()
@@ -243,6 +280,7 @@ class Cluster:
             nursery.start_soon(self._lease_loop)
             nursery.start_soon(self._poll_loop)
             nursery.start_soon(self._local_loop)
+            nursery.start_soon(self._outcome_loop)
             if self.namespace is not None:
                 nursery.start_soon(self.namespace.run)
             task_status.started()
@@ -302,25 +340,62 @@ class Cluster:
 
     def poke(self) -> None:
         """The namespace changed (a marker may have been closed): look locally soon."""
+        self._ns_changed = True
         self._local_wake.set()
 
     async def _local_loop(self) -> None:
         """Without any request: announce markers as soon as they are closed, and answer a commit we
         know of as soon as our files of it are durable (the PUT of the answer is the only I/O)."""
         while True:
-            busy = any(not a.answered for a in self.answers.values())
-            with trio.move_on_after(LOCAL_CHECK_S if busy else self.config.cluster_poll_s):
+            woken = False
+            with trio.move_on_after(self.config.cluster_poll_s):
                 await self._local_wake.wait()
-            await trio.sleep(LOCAL_CHECK_S / 2)  # a burst of changes is looked at once
+                woken = True
+            # a burst of changes is looked at once; a file made durable is answered sooner
+            await trio.sleep(LOCAL_CHECK_S / 2 if self._ns_changed else LOCAL_CHECK_S / 10)
             self._local_wake = trio.Event()
             try:
-                self._announce_closed_markers()
+                if self._ns_changed or not woken:
+                    self._ns_changed = False
+                    self._announce_closed_markers()
                 for answer in [a for a in self.answers.values() if not a.answered and not a.fresh]:
                     await self._try_answer(answer)
+                self._poll_when_drained()
             except StoreError as exc:
                 log.info("cluster: answer failed (%s); retried at the next poll", exc)
             except Exception:
                 log.exception("cluster: local check failed unexpectedly")
+
+    def _poll_when_drained(self) -> None:
+        """All our files just became durable: look for commits at once (one LIST), not at the next
+        poll, so an announcement we have not seen yet is answered now."""
+        pending = self.journal.one("SELECT 1 FROM inodes WHERE durable=0 AND nlink>0 LIMIT 1") is not None
+        if self._had_pending and not pending:
+            self._poll_wake.set()
+        self._had_pending = pending
+
+    async def _outcome_loop(self) -> None:
+        """While someone here waits for a commit this node answered, read its record (one GET)
+        at `_poll_interval` instead of waiting for the pending index to drop it at the next poll."""
+        while True:
+            due = [a for a in self.answers.values()  # a fence has no outcome to read
+                   if a.answered and not a.committed and not a.commit_id.startswith(rec.FENCE)]
+            if not due or time.time() >= self._watched_until:
+                with trio.move_on_after(self.config.cluster_poll_s):
+                    await self._outcome_wake.wait()
+                self._outcome_wake = trio.Event()
+                continue
+            now = time.time()
+            interval = min(self._poll_interval(now - a.seen_at, a.members) for a in due)
+            if interval >= self.config.cluster_poll_s:  # no faster than the poll: leave it to the poll
+                await trio.sleep(interval)
+                continue
+            for answer in due:
+                try:
+                    await self._learn_outcome(answer)
+                except StoreError as exc:
+                    log.info("cluster: reading the outcome of %s failed (%s)", answer.scope, exc)
+            await trio.sleep(interval)
 
     async def poll_once(self) -> None:
         """One look at the bucket: answer pending commits of others, learn finished ones, and
@@ -383,6 +458,7 @@ class Cluster:
             if exc.code != "PreconditionFailed":
                 raise
         answer.answered = True
+        self._outcome_wake.set()
         if self.waiting.pop(answer.scope, None) is not None:
             self._lease_wake.set()
         log.info("cluster: answered commit %s of %s with %d files", answer.commit_id, answer.scope, len(files))
@@ -419,6 +495,7 @@ class Cluster:
         if record.get("commit_id") != answer.commit_id:
             self.answers.pop(answer.commit_id, None)  # replaced by a newer round
             return
+        answer.members = len(record.get("required", []))
         if record.get("state") == "committed":
             answer.committed = True
             self.committed_scopes[answer.scope] = time.time()
@@ -444,13 +521,16 @@ class Cluster:
             while commit.state == "waiting":
                 await self._retrying(commit, self._check_answers)
                 if commit.state == "waiting":
-                    await trio.sleep(min(ANSWER_CHECK_S, self.config.cluster_poll_s))
+                    with trio.move_on_after(self._poll_interval(time.time() - commit.started_at)):
+                        await commit.wake.wait()
+                    commit.wake = trio.Event()
             if commit.state != "granted":
                 return
             self.wake()
             await self._wait_markers_durable(commit)
             if commit.state == "granted" and not commit.alone:
                 await self._retrying(commit, self._finish)
+                await self._retrying(commit, self._drop_pending)
             elif commit.alone:
                 commit.state, commit.finished_at = "committed", time.time()
         except Exception as exc:  # a bug must not end the daemon; the marker stays unpublished
@@ -544,12 +624,13 @@ class Cluster:
         keys = [self.store.relative_key(item["Key"]) async for item in
                 self.store.list_objects(rec.manifest_prefix(commit.scope, commit.commit_id))]
         answered = rec.answered_members(keys, commit.scope, commit.commit_id)
-        if rec.missing_members(commit.required, answered):
+        if rec.missing_members(commit.required, answered) and time.time() >= commit.retired_checked_at:
+            commit.retired_checked_at = time.time() + self.config.cluster_poll_s  # retirements are rare
             async for item in self.store.list_objects(rec.RETIRED):
                 parsed = rec.parse_lease_key(self.store.relative_key(item["Key"]), rec.RETIRED)
                 if parsed is not None:
                     answered.add(f"{parsed[0]}@{parsed[1]}")
-        commit.answered = answered & set(commit.required)
+        commit.answered = (commit.answered | answered) & set(commit.required)  # answers are never withdrawn
         missing = rec.missing_members(commit.required, commit.answered)
         if not missing:
             await self._grant(commit)
@@ -612,7 +693,8 @@ class Cluster:
             if all(isinstance(s, dict) for s in states):
                 commit.marker_objects = states
                 return
-            await trio.sleep(0.1)
+            with trio.move_on_after(0.1):  # the drain's note_durable wakes us at once
+                await self._durable_wake.wait()
 
     def _marker_object(self, marker: str):
         ino = self.ns.resolve(marker)
@@ -632,9 +714,13 @@ class Cluster:
         body.update(state="committed", committed_at=time.time(), markers=commit.markers,
                     marker_objects=commit.marker_objects)
         await self._replace_commit_record(commit, body)
-        await self.store.delete_object(rec.pending_key(commit.scope, commit.commit_id))
-        commit.state, commit.finished_at = "committed", time.time()
+        commit.state, commit.finished_at = "committed", time.time()  # durable here at once
         log.info("cluster: commit %s of %s is complete", commit.commit_id, commit.scope)
+
+    async def _drop_pending(self, commit: HeldCommit) -> None:
+        """After the commit record says committed: take the commit off the index others poll."""
+        assert commit.commit_id is not None  # set when the commit was announced
+        await self.store.delete_object(rec.pending_key(commit.scope, commit.commit_id))
 
     async def _abandon(self, commit: HeldCommit) -> None:
         body = json.loads(rec.commit_record(commit.scope, commit.markers[0], commit.commit_id or "", self.member,
@@ -677,6 +763,8 @@ class Cluster:
             await self.fence(root)  # a directory another node made in ours: its files are staged
             if self.ns.child_id(parent, name) is not None:
                 return True
+        if any(not a.committed and path.startswith(a.scope + "/") for a in self.answers.values()):
+            self._watch()  # e.g. a rank waiting for the marker of a commit to be shown here
         with trio.move_on_after(self.config.remote_lookup_timeout_s):
             if root is not None and await self._adopt_staged_listing(root) and self.ns.child_id(parent, name):
                 return True

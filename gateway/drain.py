@@ -61,12 +61,18 @@ class CommitGate(Protocol):
 
     def scope_state(self, scope: str) -> dict: ...
 
+    def note_durable(self) -> None:
+        """A file of this node just became durable (sync, no I/O): answers may be due."""
+
 
 class OpenGate:
     wake = staticmethod(lambda: None)
 
     def may_publish(self, scope: str, marker: str) -> bool:
         return True
+
+    def note_durable(self) -> None:
+        pass
 
     def scope_state(self, scope: str) -> dict:
         return {}
@@ -588,6 +594,8 @@ class Drain:
             return
         cur = self.journal.execute(
             "UPDATE inodes SET durable=1 WHERE id=? AND changed_gen=? AND nlink>0", (ino, token[0]))
+        if cur.rowcount:
+            self.gate.note_durable()
         if cur.rowcount and attr is not None:
             self.counters.newest_durable_change_at = max(
                 self.counters.newest_durable_change_at or 0, attr.changed_at)

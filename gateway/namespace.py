@@ -350,11 +350,11 @@ class Namespace:
             if self.getattr(child).is_dir:
                 removed += self.remove_tree(child)
             else:
-                self._remove_entry(ino, bytes(name), child)
+                self._remove_entry(ino, bytes(name), child, follow=True)
                 removed += 1
         entry = self.entry_of.get(ino)
         if entry is not None and ino != ROOT_INODE:
-            self._remove_entry(entry[0], entry[1], ino)
+            self._remove_entry(entry[0], entry[1], ino, follow=True)
             removed += 1
         return removed
 
@@ -367,14 +367,20 @@ class Namespace:
             raise FsError(errno.ENOENT)
         return ino
 
-    def _remove_entry(self, parent: int, name: bytes, ino: int) -> None:
+    def _remove_entry(self, parent: int, name: bytes, ino: int, *, follow: bool = False) -> None:
         """Drop the name; its object becomes stale (deleted by the drain); data goes with the last name,
-        when the kernel forgets the inode."""
+        when the kernel forgets the inode. `follow`: the name went on another node, whose change
+        it is: the parent gets a new mtime but nothing to upload here (an emptied directory's
+        marker is the deleting node's to publish; one published from here could land after that
+        node's sweep and bring the directory back)."""
         t = now_ns()
         gen = self._next_gen()
         with self.journal.transaction():
             self._drop_name(parent, name, self.getattr(ino), t, gen)
-            self._touch_dir(parent, t, gen)
+            if follow:
+                self.journal.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=? WHERE id=?", (t, t, parent))
+            else:
+                self._touch_dir(parent, t, gen)
         self._forget_name(ino, parent, name)
         self.on_change()
 
@@ -755,7 +761,19 @@ class Namespace:
                     (key, ino, size, etag))
         self.names_of[ino] = [(parent, name)]
         self._names_changed(ino)
+        self._drop_own_marker(parent)
         return ino
+
+    def _drop_own_marker(self, parent: int) -> None:
+        """Another node put something into a directory whose empty-marker object this node
+        published (or may be publishing: the directory is pending): it is no longer empty, so the
+        drain takes the marker back (a marker upload in flight no longer matches and is redone)."""
+        row = self.journal.one("SELECT durable FROM inodes WHERE id=?", (parent,))
+        if row is not None and (not row[0] or self.journal.one(
+                "SELECT 1 FROM objects WHERE inode=? AND key LIKE '%/' LIMIT 1", (parent,))):
+            t = now_ns()
+            self._touch_dir(parent, t, self._next_gen())
+            self.on_change()
 
     def forget_remote(self, ino: int, key: str) -> None:
         """The object of a clean file vanished from the bucket (another node deleted it): drop the
@@ -763,7 +781,7 @@ class Namespace:
         entry = self.entry_of.get(ino)
         if entry is None:
             return
-        self._remove_entry(entry[0], entry[1], ino)
+        self._remove_entry(entry[0], entry[1], ino, follow=True)
         self.journal.execute("DELETE FROM objects WHERE key=? AND inode IS NULL", (key,))
 
     def set_cached(self, ino: int, cached: bool, *, size: int | None = None) -> None:

@@ -80,10 +80,10 @@ def test_identity_is_kept_and_a_fresh_journal_gets_a_new_incarnation(tmp_path):
 class Node:
     """A journal, a namespace and a cluster service; files are made durable by hand."""
 
-    def __init__(self, tmp_path, name: str, store: Store):
+    def __init__(self, tmp_path, name: str, store: Store, poll_s: float = 0.05):
         self.journal = Journal(tmp_path / f"{name}.db")
         self.ns = Namespace(self.journal, uid=0, gid=0, on_purge=lambda ino: None)
-        config = dataclasses.replace(Config(), node_id=name, lease_interval_s=5.0, cluster_poll_s=0.05,
+        config = dataclasses.replace(Config(), node_id=name, lease_interval_s=5.0, cluster_poll_s=poll_s,
                                      mountpoint=f"/{name}")
         self.cluster = Cluster(self.ns, store, self.journal, config)
         self.cluster.namespace = RemoteNamespace(self.ns, store, self.cluster.node)
@@ -143,6 +143,45 @@ def test_commit_waits_for_the_other_nodes_answer(s3_server, bucket, tmp_path):
                     await trio.sleep(0.05)
             await b.cluster.poll_once()
             assert not b.cluster.blocks_durable("run/s1")
+            nursery.cancel_scope.cancel()
+    run_with_store(s3_server, bucket, scenario)
+
+
+def test_answers_and_outcomes_follow_events_not_the_poll(s3_server, bucket, tmp_path):
+    """With a 5 s poll: b answers when its drain makes its shard durable, the holder sees the answer
+    and the marker at once, and b reads the outcome early only while someone waits for it there."""
+    async def scenario(store):
+        a, b = Node(tmp_path, "a", store, poll_s=5.0), Node(tmp_path, "b", store, poll_s=5.0)
+        a.write("run/s1/__0_0.distcp")
+        b.write("run/s1/__1_0.distcp")
+        await a.cluster.register()
+        await b.cluster.register()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.cluster.run)
+            await nursery.start(b.cluster.run)
+            a.make_durable("run/s1/__0_0.distcp")
+            a.write("run/s1/.metadata")
+            assert not a.cluster.may_publish("run/s1", "run/s1/.metadata")
+            with trio.fail_after(10):
+                while a.cluster.scope_state("run/s1")["state"] != "waiting":
+                    await trio.sleep(0.02)
+            await b.cluster.poll_once()  # b sees the announcement; its shard is not durable yet
+            b.make_durable("run/s1/__1_0.distcp")
+            b.cluster.note_durable()  # what the drain calls
+            with trio.fail_after(1.5):  # far less than the 5 s poll
+                while not a.cluster.may_publish("run/s1", "run/s1/.metadata"):
+                    await trio.sleep(0.02)
+            a.make_durable("run/s1/.metadata")
+            a.cluster.note_durable()
+            with trio.fail_after(1.5):
+                while a.cluster.scope_state("run/s1")["state"] != "committed":
+                    await trio.sleep(0.02)
+            await trio.sleep(0.5)
+            assert b.cluster.scope_state("run/s1")["state"] == "answered"  # nobody waits on b: no GETs
+            assert b.cluster.blocks_durable("run/s1")  # a wait looks (the xattr of the scope)
+            with trio.fail_after(1.5):
+                while b.cluster.blocks_durable("run/s1"):
+                    await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
     run_with_store(s3_server, bucket, scenario)
 

@@ -335,3 +335,34 @@ def test_local_nodes_and_links_survive_a_restart_and_recovery(journal, tmp_path)
     assert summary["made_ready"] == 1 and pending(again) - {ROOT_INODE} == {ino}  # not the local nodes
     assert (again.getattr(fifo).mode, again.getattr(fifo).uid) == (FIFO, 5)
     assert again.getattr(dev).rdev == 0x0103 and again.paths_of(ino) == ["f", "g"]
+
+
+# ---- following other nodes (--cluster) --------------------------------------------------------
+
+def test_a_name_another_node_deleted_leaves_its_emptied_directory_nothing_to_upload(ns):
+    """The node that deleted it publishes the emptied directory's marker; one published here could
+    land after that node's sweep of the directory and bring it back."""
+    d = ns.create(ROOT_INODE, b"step", DIR, 0, 0).id
+    sub = ns.create(d, b"sub", DIR, 0, 0).id
+    f = new_file(ns, sub, b"shard")
+    for ino in (ROOT_INODE, d, sub):
+        publish(ns, ino)  # durable; directories with children have no marker of their own
+    publish(ns, f, "step/sub/shard")
+    before = ns.getattr(sub).mtime_ns
+    ns.forget_remote(f, "step/sub/shard")  # the listing: the object vanished
+    assert pending(ns) == set() and ns.getattr(sub).mtime_ns > before
+    ns.remove_tree(d)  # the rmdir record of another node
+    assert pending(ns) == set()
+
+
+def test_an_entry_from_another_node_takes_back_the_marker_of_a_directory_published_empty(ns):
+    d = ns.create(ROOT_INODE, b"step", DIR, 0, 0).id
+    publish(ns, ROOT_INODE)
+    publish(ns, d, "step/")  # this node published step/ while it was empty
+    ns.adopt_remote(d, b"shard", is_dir=False, size=3, key="step/shard", etag="e")
+    assert pending(ns) == {d}  # the drain looks again: it has a child now, so the marker goes
+    other = ns.create(ROOT_INODE, b"other", DIR, 0, 0).id
+    publish(ns, ROOT_INODE)
+    publish(ns, other)  # durable, no marker of ours
+    ns.adopt_remote(other, b"shard", is_dir=False, size=3, key="other/shard", etag="e")
+    assert other not in pending(ns)
