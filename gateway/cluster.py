@@ -54,6 +54,7 @@ OUTCOME_GETS_PER_S = 1000   # all nodes' GETs of one commit record stay under th
 WATCH_WINDOW_S = 2.0        # a commit is watched this long after a wait looked at its scope
 FORGET_AFTER_S = 600.0      # finished commits are forgotten this long after they finished
 FENCE_TIMEOUT_S = 10.0      # how long a readdir or lookup in a temporary directory waits for other nodes
+FENCE_CHECK_S = 0.05        # how often a fence lists the answers to it
 RETRY_BASE_S = 0.25
 RETRY_MAX_S = 10.0
 
@@ -832,7 +833,7 @@ class Cluster:
                             self.store.list_objects(rec.manifest_prefix(fence.root, fence_id))]
                     answered = rec.answered_members(keys, fence.root, fence_id) & others
                     if not others <= answered:
-                        await trio.sleep(ANSWER_CHECK_S)
+                        await trio.sleep(FENCE_CHECK_S)
             if not others <= answered:
                 log.warning("cluster: %s: %s did not stage their files within %.0fs; listing without them",
                             fence.root, ", ".join(sorted(others - answered)), FENCE_TIMEOUT_S)
