@@ -134,7 +134,7 @@ def test_start_repairs_rows_that_disagree_with_their_data_file(parts):
     emptied = ns.create(ROOT_INODE, b"emptied", FILE, 0, 0).id
     for ino in (in_bucket, local_only):
         cache.truncate(ino, 1000)
-        journal.execute("UPDATE inodes SET size=1000, content_dirty=0, durable=1, ready_seq=1 WHERE id=?", (ino,))
+        journal.execute("UPDATE inodes SET size=1000, content_dirty=0, state='durable', ready_seq=1 WHERE id=?", (ino,))
     journal.execute("INSERT INTO objects (key, inode, size) VALUES ('in_bucket', ?, 1000)", (in_bucket,))
     cache.remove(in_bucket)              # e.g. evicted by an old daemon before the journal knew
     cache.truncate(local_only, 10)       # e.g. truncated before the journal knew
@@ -160,7 +160,7 @@ def test_rewrite_of_a_clean_file_makes_its_intent_durable_before_the_data(parts)
     trio.run(content.write, ns, cache, ino, 0, b"old")
     ns.closed(ino, True)
     assert syncs == [], "a new file's first write needs no extra fsync"
-    journal.execute("UPDATE inodes SET content_dirty=0, durable=1 WHERE id=?", (ino,))  # published
+    journal.execute("UPDATE inodes SET content_dirty=0, state='durable' WHERE id=?", (ino,))  # published
     ns.opened(ino, True)
     trio.run(content.write, ns, cache, ino, 0, b"new")
     trio.run(content.write, ns, cache, ino, 3, b"more")

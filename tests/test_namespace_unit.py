@@ -20,7 +20,7 @@ FILE = stat.S_IFREG | 0o644
 DIR = stat.S_IFDIR | 0o755
 FIFO = stat.S_IFIFO | 0o644
 # The drain's query for what it must publish (gateway/drain.py, Drain._schedule).
-PENDING_SQL = "SELECT id FROM inodes WHERE durable=0 AND nlink>0 AND ready_seq IS NOT NULL"
+PENDING_SQL = "SELECT id FROM inodes WHERE state IN ('queued', 'uploading') AND nlink>0"
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +58,7 @@ def publish(ns: Namespace, ino: int, *keys: str) -> None:
     """What the drain records once `ino` is in the bucket under `keys`."""
     for key in keys:
         ns.journal.execute("INSERT OR REPLACE INTO objects (key, inode, size) VALUES (?, ?, 0)", (key, ino))
-    ns.journal.execute("UPDATE inodes SET durable=1, content_dirty=0 WHERE id=?", (ino,))
+    ns.journal.execute("UPDATE inodes SET state='durable', content_dirty=0 WHERE id=?", (ino,))
 
 
 def pending(ns: Namespace) -> set[int]:
