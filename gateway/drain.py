@@ -1,7 +1,8 @@
 """The drain: makes the bucket equal the namespace, checkpoint by checkpoint, and survives crashes.
 
-Each pass reads the journal's pending inodes (state not durable, gateway/file_state.py) into `scheduler.Row`s, asks the scheduler
-(a pure function, gateway/scheduler.py) what to start, and starts one job per inode:
+Each pass reads the journal's pending inodes (not durable, gateway/file_state.py) into `scheduler.Row`s,
+asks the scheduler (a pure function, gateway/scheduler.py) what to start, and starts one job per inode
+(it is `uploading` until the job ends):
 - a regular file or symlink is uploaded, or server-side copied if only its name changed
   (gateway/publisher.py); a commit marker is started only once its scope is durable;
 - a directory gets a `dir/` marker while it is empty;
