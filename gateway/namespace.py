@@ -675,11 +675,11 @@ class Namespace:
         """`ino` (and its subtree) has a new name: republish under it, in the old relative order."""
         ids = [ino] + (self.descendants(ino) if self.getattr(ino).is_dir else [])
         rows = self.journal.all(
-            f"SELECT id, ready_seq FROM inodes WHERE id IN ({','.join('?' * len(ids))}) "
+            f"SELECT id, ready_seq, state FROM inodes WHERE id IN ({','.join('?' * len(ids))}) "
             f"AND NOT {LOCAL_ONLY_SQL}", tuple(ids)
         )
-        writing = {i for i, seq in rows if seq is None and self.open.get(i, OpenState()).writers > 0}
-        for i, _ in sorted(rows, key=lambda r: (r[1] is None, r[1] or 0, r[0])):
+        writing = {i for i, _, state in rows if state == DIRTY and self.open.get(i, OpenState()).writers > 0}
+        for i, _, _ in sorted(rows, key=lambda r: (r[1] is None, r[1] or 0, r[0])):
             seq = None if i in writing else self._next_seq()
             self._move_to(i, DIRTY if seq is None else QUEUED, "ready_seq=?, changed_gen=?, changed_at=?",
                           (seq, gen, time.time()))
