@@ -33,6 +33,7 @@ import trio
 
 from gateway import cluster_records as rec
 from gateway.errors import NoSuchKey, StoreError
+from gateway.file_state import PENDING_SQL
 from gateway.journal import Journal
 from gateway.namespace import SUBTREE_CTE, Namespace
 from gateway.scopes import ScopeRules
@@ -206,7 +207,7 @@ class Cluster:
     def _announce_closed_markers(self) -> None:
         """Start the round of every closed, unpublished marker now (the drain asks only once this
         node's own files of the scope are durable; the other nodes can answer meanwhile)."""
-        rows = self.journal.all("SELECT id FROM inodes WHERE durable=0 AND nlink>0 AND ready_seq IS NOT NULL "
+        rows = self.journal.all("SELECT id FROM inodes WHERE state IN ('queued', 'uploading') AND nlink>0 "
                                 "AND (mode & 61440) = 32768 LIMIT 4096")
         for (ino,) in rows:
             path = self.ns.path_of(ino)
@@ -325,7 +326,7 @@ class Cluster:
             return True
         if any(not a.committed for a in self.answers.values()):
             return True
-        return self.journal.one("SELECT 1 FROM inodes WHERE durable=0 AND nlink>0 LIMIT 1") is not None
+        return self.journal.one("SELECT 1 FROM inodes WHERE state <> 'durable' AND nlink>0 LIMIT 1") is not None
 
     async def _poll_loop(self) -> None:
         while True:
@@ -370,7 +371,7 @@ class Cluster:
     def _poll_when_drained(self) -> None:
         """All our files just became durable: look for commits at once (one LIST), not at the next
         poll, so an announcement we have not seen yet is answered now."""
-        pending = self.journal.one("SELECT 1 FROM inodes WHERE durable=0 AND nlink>0 LIMIT 1") is not None
+        pending = self.journal.one(f"SELECT 1 FROM inodes WHERE {PENDING_SQL} AND nlink>0 LIMIT 1") is not None
         if self._had_pending and not pending:
             self._poll_wake.set()
         self._had_pending = pending
@@ -471,7 +472,7 @@ class Cluster:
         if ino is None or not self.ns.getattr(ino).is_dir:
             return []
         pending = self.journal.all(
-            SUBTREE_CTE + "SELECT sub.i FROM sub JOIN inodes ON inodes.id = sub.i WHERE inodes.durable = 0 "
+            SUBTREE_CTE + "SELECT sub.i FROM sub JOIN inodes ON inodes.id = sub.i WHERE inodes.state <> 'durable' "
             "AND inodes.nlink > 0 AND (inodes.mode & 61440) <> 16384", (ino,))
         pending_dirs = self.ns.subtree_has_pending(ino)
         if pending or pending_dirs or self.staging.has_stale_own():  # staged copies go before the answer

@@ -1,8 +1,8 @@
 """File content: the data file on the cache disk and its journal row, changed in one order.
 
 The rule (issue 14): the journal records the intent before the data file is touched.
-  - write, truncate, open(O_TRUNC): the row is marked `content_dirty` (not durable, old objects
-    no longer current) first, then the data file changes;
+  - write, truncate, open(O_TRUNC): the row is marked dirty (`content_dirty`, state DIRTY: old
+    objects no longer current) first, then the data file changes;
   - eviction: the row is marked not cached first, then the data file goes;
   - fetch (gateway/reader.py): the data file is fsynced before the row says cached.
 So whatever a kill -9 interrupts, either the row says "local content is the truth" (dirty: recovery
@@ -97,7 +97,7 @@ def check_data_files(ns: Namespace, cache: CacheFiles) -> dict:
             actual = 0
         log.error("inode %d: data file has %d bytes, the journal %d, and no object holds its content; "
                   "keeping and uploading the local bytes", ino, actual, size)
-        journal.execute("UPDATE inodes SET size=?, content_dirty=1, durable=0, ready_seq=NULL WHERE id=?",
-                        (actual, ino))
+        journal.execute("UPDATE inodes SET size=? WHERE id=?", (actual, ino))
+        ns.content_changed(ino)  # dirty: made ready by recovery, then uploaded
         republished += 1
     return {"sizes_repaired": sizes, "made_uncached": uncached, "republished": republished}

@@ -89,8 +89,6 @@ class Control:
         attr = self.ns.getattr(ino)
         if attr.is_dir:
             return "pending" if self._subtree_pending(ino) else "durable"
-        if attr.durable:
-            return "durable"
         return self.drain.state_of(attr)
 
     def _subtree_pending(self, ino: int) -> bool:
@@ -174,7 +172,8 @@ class Control:
                     pass
 
     def _durable_files(self) -> int:
-        return self.journal.one("SELECT count(*) FROM inodes WHERE durable=1 AND nlink>0 AND (mode & 61440) = 32768")[0]
+        return self.journal.one(
+            "SELECT count(*) FROM inodes WHERE state='durable' AND nlink>0 AND (mode & 61440) = 32768")[0]
 
 
 def _replace_file(tmp: str, path: str, data: bytes) -> None:

@@ -74,8 +74,8 @@ def lock_cache_dir(cache_dir: Path) -> int:
 def recover(ns: Namespace, cache: CacheFiles, journal: Journal) -> dict:
     """Replay what a crash left: rows against data files, readiness, unlinked inodes, stray data."""
     checked = content.check_data_files(ns, cache)
-    unready = [r[0] for r in journal.all(
-        "SELECT id FROM inodes WHERE ready_seq IS NULL AND durable=0 AND nlink>0 ORDER BY changed_at")]
+    requeued = ns.requeue_interrupted_uploads()  # their jobs died with the old daemon
+    unready = [r[0] for r in journal.all("SELECT id FROM inodes WHERE state='dirty' AND nlink>0 ORDER BY changed_at")]
     for ino in unready:
         ns.mark_ready(ino)  # its writers died with the old daemon: it is closed now
     purged = ns.purge_unlinked()
@@ -86,7 +86,8 @@ def recover(ns: Namespace, cache: CacheFiles, journal: Journal) -> dict:
             if entry.name.isdigit() and int(entry.name) not in known:
                 cache.remove(int(entry.name))
                 strays += 1
-    summary = {**checked, "made_ready": len(unready), "purged": len(purged), "stray_data": strays}
+    summary = {**checked, "requeued": len(requeued), "made_ready": len(unready), "purged": len(purged),
+               "stray_data": strays}
     if any(summary.values()):
         log.info("recovered the journal: %s", summary)
     return summary

@@ -1,7 +1,8 @@
 """The drain: makes the bucket equal the namespace, checkpoint by checkpoint, and survives crashes.
 
-Each pass reads the journal's pending inodes (durable=0) into `scheduler.Row`s, asks the scheduler
-(a pure function, gateway/scheduler.py) what to start, and starts one job per inode:
+Each pass reads the journal's pending inodes (not durable, gateway/file_state.py) into `scheduler.Row`s,
+asks the scheduler (a pure function, gateway/scheduler.py) what to start, and starts one job per inode
+(it is `uploading` until the job ends):
 - a regular file or symlink is uploaded, or server-side copied if only its name changed
   (gateway/publisher.py); a commit marker is started only once its scope is durable;
 - a directory gets a `dir/` marker while it is empty;
@@ -27,7 +28,8 @@ from gateway import scheduler
 from gateway.cache import CacheFiles
 from gateway.config import Config
 from gateway.drain_status import DrainCounters, PendingView, pending_view
-from gateway.errors import NoSuchKey, StoreError
+from gateway.errors import JournalError, NoSuchKey, StoreError
+from gateway.file_state import HELD, PENDING_SQL, QUEUED, UPLOADING
 from gateway.journal import Journal
 from gateway.namespace import ROOT_INODE, Attr, Namespace
 from gateway.objects import ObjectBook
@@ -241,19 +243,20 @@ class Drain:
     def _rows(self, now: float) -> list[scheduler.Row]:
         rows = []
         quiet_since = now - self.config.drain_delay_s
-        for ino, mode, nlink, ready_seq, changed_at, changed_gen, published in self.journal.all(
-                "SELECT id, mode, nlink, ready_seq, changed_at, changed_gen, "
-                "EXISTS (SELECT 1 FROM objects o WHERE o.inode = inodes.id) FROM inodes WHERE durable=0 AND nlink>0"):
+        for ino, mode, nlink, state, ready_seq, changed_at, changed_gen, published in self.journal.all(
+                "SELECT id, mode, nlink, state, ready_seq, changed_at, changed_gen, "
+                f"EXISTS (SELECT 1 FROM objects o WHERE o.inode = inodes.id) FROM inodes WHERE {PENDING_SQL} "
+                "AND nlink>0"):
             lineage = self._cached_lineage(ino, mode, nlink)
             if ino == ROOT_INODE or lineage is None:
-                self.journal.execute("UPDATE inodes SET durable=1 WHERE id=?", (ino,))
+                self.ns.nothing_to_publish(ino)
                 continue
             path, ancestors, temporary = lineage
             held = temporary and now - changed_at < self.config.hold_limit_s
             staged = held and self._staged(path)  # uploaded to a staged key: never a marker or a scope
             if held and published and not staged:
                 self._release_old_names(ino, mode, changed_gen)
-            startable = (ready_seq is not None and (staged or not held) and changed_at <= quiet_since
+            startable = (state == QUEUED and (staged or not held) and changed_at <= quiet_since
                          and ino not in self.jobs and self.ns.writers(ino) == 0
                          and self.not_before.get(ino, 0) <= now)
             rows.append(scheduler.Row(ino, path, ancestors, ready_seq, stat.S_ISDIR(mode), held, startable))
@@ -377,6 +380,7 @@ class Drain:
         claim = {key, *self.book.keys_of(ino), *([] if is_dir else self.ns.paths_of(ino))}
         if claim & self.busy_keys:
             return
+        self.ns.start_upload(ino)
         self.jobs[ino] = trio.CancelScope()
         self.busy_keys |= claim
         self.claims[ino] = claim
@@ -395,15 +399,13 @@ class Drain:
         return self._view
 
     def state_of(self, attr: Attr) -> str:
-        """dirty | held | queued | uploading (for a pending file)."""
-        if attr.id in self.jobs:
-            return "uploading"
-        if attr.ready_seq is None or self.ns.writers(attr.id) > 0:
-            return "dirty"
-        path = self.ns.path_of(attr.id) if attr.is_dir else self.publish_name(attr.id)
-        if path is not None and self.held(path, attr.changed_at, time.time()):
-            return "held"
-        return "queued"
+        """The file's state as users see it: its journal state, `held` for a queued file whose
+        temporary name the drain holds back."""
+        if attr.state is QUEUED:
+            path = self.ns.path_of(attr.id) if attr.is_dir else self.publish_name(attr.id)
+            if path is not None and self.held(path, attr.changed_at, time.time()):
+                return HELD
+        return attr.state.value
 
     def commit_waits(self) -> list[dict]:
         """Markers waiting for their scope: on local files, or (gate) on other nodes."""
@@ -451,11 +453,15 @@ class Drain:
             self.jobs.pop(ino, None)
             self.busy_keys -= self.claims.pop(ino, set())
             self.wake()
+            try:
+                self.ns.upload_ended(ino)
+            except JournalError:
+                pass  # failsafe (logged once); the next start queues it again
 
     def _recheck(self, ino: int, key: str) -> Attr:
         fresh = self.ns.getattr(ino)
         path = self.ns.path_of(ino) if fresh.is_dir else self.publish_name(ino)
-        if (fresh.durable or fresh.nlink == 0 or fresh.ready_seq is None or self.ns.writers(ino) > 0
+        if (fresh.state is not UPLOADING or fresh.nlink == 0 or self.ns.writers(ino) > 0
                 or path is None or self._key_of(path, fresh.is_dir) != key):
             raise Superseded("changed before its upload started")
         return fresh
@@ -592,11 +598,10 @@ class Drain:
         """Mark durable unless the inode changed meanwhile (then it stays pending)."""
         if self.ns.version(ino) != token[1]:
             return
-        cur = self.journal.execute(
-            "UPDATE inodes SET durable=1 WHERE id=? AND changed_gen=? AND nlink>0", (ino, token[0]))
-        if cur.rowcount:
+        durable = self.ns.mark_durable(ino, token[0])
+        if durable:
             self.gate.note_durable()
-        if cur.rowcount and attr is not None:
+        if durable and attr is not None:
             self.counters.newest_durable_change_at = max(
                 self.counters.newest_durable_change_at or 0, attr.changed_at)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
+from gateway.file_state import DIRTY, HELD, PENDING_SQL, UPLOADING
 from gateway.namespace import INODE_COLUMNS, ROOT_INODE, Attr
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ class PendingView:
 def pending_view(drain: Drain) -> PendingView:
     ns = drain.ns
     view = PendingView(durable_through_gen=ns.gen)
-    for row in drain.journal.all(f"SELECT {INODE_COLUMNS} FROM inodes WHERE durable=0 AND nlink>0"):
+    for row in drain.journal.all(f"SELECT {INODE_COLUMNS} FROM inodes WHERE {PENDING_SQL} AND nlink>0"):
         attr = Attr(*row)
         if attr.id == ROOT_INODE or ns.path_of(attr.id) is None:
             continue
@@ -57,17 +58,17 @@ def pending_view(drain: Drain) -> PendingView:
 
 
 def _count(view: PendingView, attr: Attr, kind: str, ns) -> None:
-    if kind == "held":
+    if kind == HELD:
         view.held_files += int(not attr.is_dir)
         return
     view.durable_through_gen = min(view.durable_through_gen, attr.changed_gen - 1)
     if attr.is_dir:
         return
-    size = ns.getattr(attr.id).size if kind == "dirty" else attr.size
+    size = ns.getattr(attr.id).size if kind == DIRTY else attr.size
     view.dirty_bytes += size
-    if kind == "dirty":
+    if kind == DIRTY:
         view.dirty_files += 1
-    elif kind == "uploading":
+    elif kind == UPLOADING:
         view.uploading_files += 1
     else:
         view.queued_files += 1

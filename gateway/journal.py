@@ -12,10 +12,11 @@ import sqlite3
 from pathlib import Path
 
 from gateway.errors import JournalError
+from gateway.file_state import COLUMN_SQL, FROM_FLAGS_SQL, PENDING_SQL
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: inode numbers are never reused (AUTOINCREMENT)
+SCHEMA_VERSION = 3  # 2: inode numbers are never reused (AUTOINCREMENT); 3: one state column (gateway/file_state.py)
 PRIVATE_MODE = 0o600  # journal.db, its WAL and shared-memory file: file names, sizes, bucket and prefix
 # Errors that mean the journal cannot be written (disk full, I/O error, read-only): the mount goes failsafe.
 WRITE_FAILURES = {sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN}
@@ -34,16 +35,24 @@ CREATE TABLE IF NOT EXISTS {name} (
     target BLOB,                       -- symlink target; NULL for other types
     nlink INTEGER NOT NULL,            -- 0: unlinked, kept until forgotten by the kernel and closed
     content_dirty INTEGER NOT NULL DEFAULT 1,  -- 1: local content differs from every object published
-    durable INTEGER NOT NULL DEFAULT 0,        -- 1: the bucket holds this content at this inode's key
-    ready_seq INTEGER,                 -- commit-order position (closed or renamed into place); NULL while written
+    {state},  -- dirty | queued | uploading | durable (gateway/file_state.py)
+    ready_seq INTEGER,                 -- commit-order position while queued or uploading; NULL while dirty
     changed_gen INTEGER NOT NULL DEFAULT 0,    -- generation of the last change, for `ckptfs wait`
     changed_at REAL NOT NULL DEFAULT 0,        -- wall time of the last change: drain delay, hold limit
     digest TEXT,                       -- xxh3-128 hex digest of the content last published
     cached INTEGER NOT NULL DEFAULT 1  -- 1: the cache data file holds the whole content
 )"""
-INODES_INDEX = "CREATE INDEX IF NOT EXISTS inodes_pending ON inodes(durable) WHERE durable = 0"
+INODES_INDEX = f"CREATE INDEX IF NOT EXISTS inodes_pending ON inodes(state) WHERE {PENDING_SQL}"
+# The columns schemas 1 and 2 share with this one (they had `durable` where this has `state`).
+OLD_INODE_COLUMNS = ("id, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, target, nlink, content_dirty, "
+                     "ready_seq, changed_gen, changed_at, digest, cached")
 
-SCHEMA = INODES_TABLE.format(name="inodes") + ";\n" + INODES_INDEX + """;
+
+def inodes_table(name: str) -> str:
+    return INODES_TABLE.format(name=name, state=COLUMN_SQL)
+
+
+SCHEMA = inodes_table("inodes") + ";\n" + INODES_INDEX + """;
 
 CREATE TABLE IF NOT EXISTS dentries (
     id INTEGER PRIMARY KEY AUTOINCREMENT,  -- readdir offset: stable while the directory changes
@@ -109,9 +118,11 @@ class Journal:
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.execute("PRAGMA foreign_keys=OFF")
         self._add_columns_of_older_schemas()
+        self._migrate()  # before the schema's indexes, which name columns older journals lack
         self.conn.executescript(SCHEMA)
         self._wal_path = str(self.path) + "-wal"
-        self._check_version()
+        if self.get_meta("schema_version") is None:
+            self.set_meta("schema_version", SCHEMA_VERSION)
         self._make_private()
 
     def _add_columns_of_older_schemas(self) -> None:
@@ -120,25 +131,37 @@ class Journal:
         if columns and "stale_gen" not in columns:
             self.conn.execute("ALTER TABLE objects ADD COLUMN stale_gen INTEGER")
 
-    def _check_version(self) -> None:
+    def _version(self) -> int | None:
+        if self.conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone() is None:
+            return None  # a new journal
         row = self.conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
-        if row is None:
-            self.conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
-        elif int(row[0]) == 1:
-            self._migrate_from_1()
-        elif int(row[0]) != SCHEMA_VERSION:
-            raise RuntimeError(f"journal {self.path} has schema {row[0]}, this ckptfs reads {SCHEMA_VERSION}")
+        return None if row is None else int(row[0])
 
-    def _migrate_from_1(self) -> None:
-        """Schema 1 let SQLite reuse the highest inode number after a purge: copy into AUTOINCREMENT."""
+    def _migrate(self) -> None:
+        """Schemas 1 and 2 are rebuilt into this one: schema 1 let SQLite reuse the highest inode
+        number after a purge (AUTOINCREMENT now), and both kept a file's state in flags (`durable`,
+        `ready_seq` NULL) where this keeps one `state` column, derived from them."""
+        version = self._version()
+        if version is None or version == SCHEMA_VERSION:
+            return
+        if version not in (1, 2):
+            raise RuntimeError(f"journal {self.path} has schema {version}, this ckptfs reads {SCHEMA_VERSION}")
         with self.transaction():
-            self.execute(INODES_TABLE.format(name="inodes_v2"))
-            self.execute("INSERT INTO inodes_v2 SELECT * FROM inodes")
-            self.execute("DROP TABLE inodes")
-            self.execute("ALTER TABLE inodes_v2 RENAME TO inodes")
-            self.execute(INODES_INDEX)
+            self._rebuild_inodes()
             self.set_meta("schema_version", SCHEMA_VERSION)
-        log.info("journal %s: migrated from schema 1 to %d", self.path, SCHEMA_VERSION)
+        log.info("journal %s: migrated from schema %d to %d", self.path, version, SCHEMA_VERSION)
+
+    def _rebuild_inodes(self) -> None:
+        """Inside a transaction: copy `inodes` into this schema's table, keeping the inode counter."""
+        has_sequence = self.one("SELECT 1 FROM sqlite_master WHERE name='sqlite_sequence'") is not None
+        counter = self.one("SELECT seq FROM sqlite_sequence WHERE name='inodes'") if has_sequence else None
+        self.execute(inodes_table("inodes_new"))
+        self.execute(f"INSERT INTO inodes_new ({OLD_INODE_COLUMNS}, state) "
+                     f"SELECT {OLD_INODE_COLUMNS}, {FROM_FLAGS_SQL} FROM inodes")
+        self.execute("DROP TABLE inodes")
+        self.execute("ALTER TABLE inodes_new RENAME TO inodes")
+        if counter is not None:  # numbers given out and purged since stay used
+            self.execute("UPDATE sqlite_sequence SET seq=max(seq, ?) WHERE name='inodes'", (counter[0],))
 
     def _make_private(self) -> None:
         """Journals made by older versions were 0644: tighten them (and the WAL files) to 0600."""

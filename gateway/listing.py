@@ -163,8 +163,7 @@ class BucketListing:
                 continue  # stale, or another object still holds the content
             ino, cached = row[0], row[1]
             if key.endswith("/"):
-                self.ns.journal.execute("UPDATE inodes SET durable=0 WHERE id=?", (ino,))
-                self.ns.mark_ready(ino)
+                self.ns.requeue(ino)
             elif cached:
                 self.ns.content_changed(ino)
                 self.ns.mark_ready(ino)

@@ -3,6 +3,7 @@
 Every method is synchronous and commits before it returns, so a namespace change that was answered
 survives kill -9 of the daemon (the WAL is in the page cache). Errors are `FsError(errno)`.
 Lookup counts and open handles are in memory: the kernel forgets them when the daemon dies.
+A file's state (gateway/file_state.py) changes only in `_move_to`, which checks the transition.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable
 import xxhash
 
 from gateway.errors import FsError
+from gateway.file_state import DIRTY, DURABLE, PENDING_SQL, QUEUED, UPLOADING, FileState, check
 from gateway.journal import Journal
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ LOCAL_ONLY_TYPES = (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK)
 LOCAL_ONLY_SQL = f"(mode & 61440) IN ({', '.join(str(t) for t in LOCAL_ONLY_TYPES)})"
 INODE_COLUMNS = (
     "id, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, target, nlink, "
-    "content_dirty, durable, ready_seq, changed_gen, changed_at, digest, cached"
+    "content_dirty, state, ready_seq, changed_gen, changed_at, digest, cached"
 )
 
 
@@ -51,12 +53,19 @@ class Attr:
     target: bytes | None
     nlink: int
     content_dirty: int
-    durable: int
+    state: FileState
     ready_seq: int | None
     changed_gen: int
     changed_at: float
     digest: str | None
     cached: int
+
+    def __post_init__(self) -> None:
+        self.state = FileState(self.state)
+
+    @property
+    def durable(self) -> bool:
+        return self.state is DURABLE
 
     @property
     def is_dir(self) -> bool:
@@ -135,7 +144,7 @@ class Namespace:
             t = now_ns()
             self.journal.execute(
                 "INSERT INTO inodes (id, mode, uid, gid, atime_ns, mtime_ns, ctime_ns, nlink, "
-                "content_dirty, durable) VALUES (?, ?, ?, ?, ?, ?, ?, 2, 0, 1)",
+                "content_dirty, state) VALUES (?, ?, ?, ?, ?, ?, ?, 2, 0, 'durable')",
                 (ROOT_INODE, stat.S_IFDIR | 0o755, uid, gid, t, t, t),
             )
 
@@ -251,7 +260,7 @@ class Namespace:
     def subtree_has_pending(self, ino: int) -> bool:
         """Whether any inode below directory `ino` is not durable."""
         row = self.journal.one(
-            SUBTREE_CTE + "SELECT 1 FROM sub JOIN inodes ON inodes.id = sub.i WHERE inodes.durable = 0 LIMIT 1",
+            SUBTREE_CTE + f"SELECT 1 FROM sub JOIN inodes ON inodes.id = sub.i WHERE inodes.{PENDING_SQL} LIMIT 1",
             (ino,))
         return row is not None
 
@@ -269,13 +278,14 @@ class Namespace:
         # A new file is not ready until its creator closes it; directories and symlinks are ready now.
         # FIFOs, sockets and devices are never published: durable from the start, never pending.
         ready = None if stat.S_ISREG(mode) or local_only else self._next_seq()
+        state = DURABLE if local_only else DIRTY if ready is None else QUEUED
         with self.journal.transaction():
             cur = self.journal.execute(
                 "INSERT INTO inodes (mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, target, "
-                "nlink, content_dirty, durable, ready_seq, changed_gen, changed_at) "
+                "nlink, content_dirty, state, ready_seq, changed_gen, changed_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (mode, uid, gid, len(target or b""), t, t, t, rdev, target, 2 if is_dir else 1,
-                 int(not local_only), int(local_only), ready, gen, time.time()),
+                 int(not local_only), state, ready, gen, time.time()),
             )
             ino = cur.lastrowid
             assert ino is not None  # set by the INSERT above
@@ -389,9 +399,7 @@ class Namespace:
         an inode with other names (hard links) keeps them and their objects."""
         self.journal.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
         if attr.is_dir or attr.nlink <= 1:
-            self.journal.execute(
-                "UPDATE inodes SET nlink=0, ctime_ns=?, durable=1, ready_seq=NULL WHERE id=?", (t, attr.id)
-            )
+            self._move_to(attr.id, DURABLE, "nlink=0, ctime_ns=?, ready_seq=NULL", (t,))  # nothing to publish
             self.journal.execute("UPDATE objects SET inode=NULL, stale_gen=? WHERE inode=?", (gen, attr.id))
             if attr.is_dir:
                 self._add_subdirs(parent, -1)
@@ -575,11 +583,8 @@ class Namespace:
         gen = self._next_gen()
         with self.journal.transaction():
             row = self.journal.one("SELECT content_dirty FROM inodes WHERE id=?", (ino,))
-            self.journal.execute(
-                "UPDATE inodes SET content_dirty=1, durable=0, ready_seq=NULL, changed_gen=?, changed_at=? "
-                "WHERE id=?",
-                (gen, time.time(), ino),
-            )
+            self._move_to(ino, DIRTY, "content_dirty=1, ready_seq=NULL, changed_gen=?, changed_at=?",
+                          (gen, time.time()))
         if state is not None:
             state.written = True
         self.on_change()
@@ -620,35 +625,79 @@ class Namespace:
         state.recorded = True
 
     def mark_ready(self, ino: int) -> None:
-        """The file was closed after a change: give it its place in the commit order."""
-        self.journal.execute(
-            "UPDATE inodes SET ready_seq=?, changed_at=? WHERE id=? AND durable=0 AND nlink>0",
-            (self._next_seq(), time.time(), ino),
-        )
+        """The file was closed after a change: queued, with its place in the commit order."""
+        self._move_to(ino, QUEUED, "ready_seq=?, changed_at=?", (self._next_seq(), time.time()),
+                      only_if=f"{PENDING_SQL} AND nlink>0")
         self.on_change()
+
+    def requeue(self, ino: int) -> None:
+        """A durable file or directory must be published again (its object is missing from the bucket)."""
+        self._move_to(ino, QUEUED, "ready_seq=?, changed_at=?", (self._next_seq(), time.time()), only_if="nlink>0")
+        self.on_change()
+
+    # ---- the drain's transitions ------------------------------------------------------
+
+    def start_upload(self, ino: int) -> None:
+        """A drain job starts publishing the queued `ino`."""
+        self._move_to(ino, UPLOADING)
+
+    def upload_ended(self, ino: int) -> None:
+        """A job ended without publishing (failed, superseded, cancelled): queued again, in its place.
+        A file written or renamed meanwhile is already in its new state."""
+        self._move_to(ino, QUEUED, only_if="state = 'uploading'")
+
+    def mark_durable(self, ino: int, gen: int) -> bool:
+        """The job published `ino`; it is durable unless it changed (generation `gen`) or was removed."""
+        return self._move_to(ino, DURABLE, only_if="state = 'uploading' AND changed_gen=? AND nlink>0",
+                             only_if_params=(gen,)) is not None
+
+    def nothing_to_publish(self, ino: int) -> None:
+        """A pending inode without a name to publish under (the root, or under a removed directory)."""
+        self._move_to(ino, DURABLE)
+
+    def published_elsewhere(self, ino: int) -> bool:
+        """An entry adopted from another node's object (unchanged here): that node publishes it."""
+        return self._move_to(ino, DURABLE, only_if="content_dirty=0") is not None
+
+    def requeue_interrupted_uploads(self) -> list[int]:
+        """At start: uploads the dead daemon had in flight are queued again (their jobs died with it)."""
+        ids = [r[0] for r in self.journal.all("SELECT id FROM inodes WHERE state = 'uploading'")]
+        for ino in ids:
+            self.upload_ended(ino)
+        return ids
+
+    def _move_to(self, ino: int, new: FileState, sets: str = "", params: tuple = (), *, only_if: str = "",
+                 only_if_params: tuple = ()) -> FileState | None:
+        """The one place a file's state changes: the transition is checked, then written with the
+        other `sets`. With `only_if` (SQL on the row) nothing changes unless it holds. Returns the
+        old state, or None if nothing changed."""
+        where = f" AND {only_if}" if only_if else ""
+        row = self.journal.one(f"SELECT state FROM inodes WHERE id=?{where}", (ino, *only_if_params))
+        if row is None:
+            return None
+        old = FileState(row[0])
+        check(ino, old, new)
+        self.journal.execute(f"UPDATE inodes SET state=?{', ' if sets else ''}{sets} WHERE id=?",
+                             (new.value, *params, ino))
+        return old
 
     def _mark_moved(self, ino: int, gen: int) -> None:
         """`ino` (and its subtree) has a new name: republish under it, in the old relative order."""
         ids = [ino] + (self.descendants(ino) if self.getattr(ino).is_dir else [])
         rows = self.journal.all(
-            f"SELECT id, ready_seq FROM inodes WHERE id IN ({','.join('?' * len(ids))}) "
+            f"SELECT id, ready_seq, state FROM inodes WHERE id IN ({','.join('?' * len(ids))}) "
             f"AND NOT {LOCAL_ONLY_SQL}", tuple(ids)
         )
-        writing = {i for i, seq in rows if seq is None and self.open.get(i, OpenState()).writers > 0}
-        for i, _ in sorted(rows, key=lambda r: (r[1] is None, r[1] or 0, r[0])):
+        writing = {i for i, _, state in rows if state == DIRTY and self.open.get(i, OpenState()).writers > 0}
+        for i, _, _ in sorted(rows, key=lambda r: (r[1] is None, r[1] or 0, r[0])):
             seq = None if i in writing else self._next_seq()
-            self.journal.execute(
-                "UPDATE inodes SET durable=0, ready_seq=?, changed_gen=?, changed_at=? WHERE id=?",
-                (seq, gen, time.time(), i),
-            )
+            self._move_to(i, DIRTY if seq is None else QUEUED, "ready_seq=?, changed_gen=?, changed_at=?",
+                          (seq, gen, time.time()))
 
     def _touch_dir(self, ino: int, t: int, gen: int) -> None:
         """A directory's entries changed: new mtime, and its empty-marker object needs a look."""
-        self.journal.execute(
-            "UPDATE inodes SET mtime_ns=?, ctime_ns=?, durable=0, ready_seq=coalesce(ready_seq, ?), "
-            "changed_gen=? WHERE id=?",
-            (t, t, self._next_seq(), gen, ino),
-        )
+        self._move_to(ino, QUEUED, "mtime_ns=?, ctime_ns=?, ready_seq=coalesce(ready_seq, ?), changed_gen=?",
+                      (t, t, self._next_seq(), gen))
 
     def _next_gen(self) -> int:
         self.gen += 1
@@ -690,7 +739,7 @@ class Namespace:
                         self.written_digests[ino] = (state.hasher.hexdigest(), state.hashed)
                     state.hasher = None
                     self.mark_ready(ino)
-            elif state.writers == 0 and self.getattr(ino).ready_seq is None:
+            elif state.writers == 0 and self.getattr(ino).state is DIRTY:
                 self.mark_ready(ino)
         if state.handles == 0:
             self.open.pop(ino)
@@ -747,7 +796,7 @@ class Namespace:
         with self.journal.transaction():
             cur = self.journal.execute(
                 "INSERT INTO inodes (mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, nlink, content_dirty, "
-                "durable, cached) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 1, ?)",
+                "state, cached) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 'durable', ?)",
                 (mode, self.owner[0], self.owner[1], size, t, t, t, 2 if is_dir else 1, 1 if is_dir else 0),
             )
             ino = cur.lastrowid

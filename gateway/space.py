@@ -109,7 +109,7 @@ class SpaceGuard:
     def evictable(self) -> list[tuple[int, int]]:
         """(inode, size) of durable, cached, closed files, least recently used first."""
         rows = self.ns.journal.all(
-            "SELECT id, size, atime_ns FROM inodes WHERE durable=1 AND cached=1 AND nlink>0 "
+            "SELECT id, size, atime_ns FROM inodes WHERE state='durable' AND cached=1 AND nlink>0 "
             "AND (mode & 61440) = 32768 AND content_dirty=0")
         busy = set(self.ns.open) | set(self.pins) | set(self.reader.fetches if self.reader else ())
         rows = [r for r in rows if r[0] not in busy]

@@ -129,8 +129,7 @@ class Staging:
         settled = 0
         for inode, key in rows:
             if self.is_foreign(key):
-                self.journal.execute("UPDATE inodes SET durable=1 WHERE id=? AND content_dirty=0", (inode,))
-                settled += 1
+                settled += self.ns.published_elsewhere(inode)
         return settled
 
     def has_stale_own(self) -> bool:

@@ -102,7 +102,7 @@ class Node:
         ino = self.ns.resolve(path)
         self.journal.execute("INSERT OR REPLACE INTO objects (key, inode, size, digest, etag) VALUES (?, ?, 1, 'd', 'e')",
                              (path, ino))
-        self.journal.execute("UPDATE inodes SET durable=1")
+        self.journal.execute("UPDATE inodes SET state='durable'")
 
 
 def run_with_store(s3_server, bucket, fn):

@@ -85,5 +85,6 @@ def test_kill9_loses_no_fsynced_data(make_mount, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # 100 trials outlast the default 300 s
 def test_kill9_loses_no_fsynced_data_long(make_mount, tmp_path):
     run_trials(make_mount, tmp_path, TRIALS_SLOW, seed=7)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+from pathlib import Path
 
 import pytest
 import trio
 
 from gateway import content
 from gateway.cache import CacheFiles
+from gateway.daemon import recover
 from gateway.errors import JournalError
+from gateway.file_state import DIRTY, DURABLE, QUEUED, UPLOADING
 from gateway.journal import SCHEMA_VERSION, Journal
 from gateway.namespace import ROOT_INODE, Namespace
 
@@ -134,7 +137,7 @@ def test_start_repairs_rows_that_disagree_with_their_data_file(parts):
     emptied = ns.create(ROOT_INODE, b"emptied", FILE, 0, 0).id
     for ino in (in_bucket, local_only):
         cache.truncate(ino, 1000)
-        journal.execute("UPDATE inodes SET size=1000, content_dirty=0, durable=1, ready_seq=1 WHERE id=?", (ino,))
+        journal.execute("UPDATE inodes SET size=1000, content_dirty=0, state='durable', ready_seq=1 WHERE id=?", (ino,))
     journal.execute("INSERT INTO objects (key, inode, size) VALUES ('in_bucket', ?, 1000)", (in_bucket,))
     cache.remove(in_bucket)              # e.g. evicted by an old daemon before the journal knew
     cache.truncate(local_only, 10)       # e.g. truncated before the journal knew
@@ -160,7 +163,7 @@ def test_rewrite_of_a_clean_file_makes_its_intent_durable_before_the_data(parts)
     trio.run(content.write, ns, cache, ino, 0, b"old")
     ns.closed(ino, True)
     assert syncs == [], "a new file's first write needs no extra fsync"
-    journal.execute("UPDATE inodes SET content_dirty=0, durable=1 WHERE id=?", (ino,))  # published
+    journal.execute("UPDATE inodes SET content_dirty=0, state='durable' WHERE id=?", (ino,))  # published
     ns.opened(ino, True)
     trio.run(content.write, ns, cache, ino, 0, b"new")
     trio.run(content.write, ns, cache, ino, 3, b"more")
@@ -168,3 +171,83 @@ def test_rewrite_of_a_clean_file_makes_its_intent_durable_before_the_data(parts)
     assert syncs == [(b"old", 1)], "the dirty mark must be durable before the first new byte, and only once"
     assert cache.read(ino, 0, 7) == b"newmore"
     cache.release(ino)
+
+
+# ---- the file state column (schema 3) -------------------------------------------------------
+
+SCHEMA_2_DUMP = Path(__file__).parent / "fixtures" / "journal_schema2.sql"
+
+
+def load_dump(path: Path, dump: Path) -> None:
+    conn = sqlite3.connect(path)
+    conn.executescript(dump.read_text())
+    conn.close()
+
+
+def test_schema_2_journal_is_migrated_to_one_state_column(tmp_path):
+    """A journal the previous ckptfs wrote (tests/fixtures/journal_schema2.sql, dumped from it):
+    each file's flags become its state, and inode numbers purged before stay used."""
+    path = tmp_path / "journal.db"
+    load_dump(path, SCHEMA_2_DUMP)
+    journal = Journal(path)
+    assert int(journal.get_meta("schema_version")) == SCHEMA_VERSION == 3
+    columns = {r[1] for r in journal.all("PRAGMA table_info(inodes)")}
+    assert "state" in columns and "durable" not in columns
+    ns = Namespace(journal, uid=0, gid=0, on_purge=lambda ino: None)
+    state = {path: ns.getattr(ns.resolve(path)).state for path in
+             ("", "ckpt", "ckpt/durable", "ckpt/queued", "renamed", "dirty", "fifo", "remote")}
+    assert state == {"": QUEUED, "ckpt": QUEUED, "ckpt/durable": DURABLE, "ckpt/queued": QUEUED,
+                     "renamed": QUEUED, "dirty": DIRTY, "fifo": DURABLE, "remote": DURABLE}
+    renamed = ns.getattr(ns.resolve("renamed"))
+    assert not renamed.content_dirty and renamed.ready_seq is not None, "a renamed file is copied, in its place"
+    assert not ns.getattr(ns.resolve("remote")).cached
+    assert ns.create(ROOT_INODE, b"new", FILE, 0, 0).id == 10, "inode 9 (purged) was given out again"
+    summary = recover(ns, CacheFiles(tmp_path / "cache"), journal)
+    assert summary["made_ready"] == 2  # `dirty`, and `new` (created, never closed)
+    assert ns.getattr(ns.resolve("dirty")).state is QUEUED
+    journal.close()
+
+
+def test_recover_replays_each_state_after_a_crash(tmp_path):
+    """Rows in every state, the daemon killed (no clean close), the journal opened again: what was
+    uploading or being written is queued, in the commit order it had or gets now."""
+    journal = Journal(tmp_path / "journal.db")
+    cache = CacheFiles(tmp_path / "cache")
+    ns = Namespace(journal, uid=0, gid=0, on_purge=cache.remove)
+    ino = {}
+    for name in ("dirty", "queued", "uploading", "durable"):
+        ino[name] = ns.create(ROOT_INODE, name.encode(), FILE, 0, 0).id
+        cache.truncate(ino[name], 0)
+    for name in ("queued", "uploading", "durable"):
+        ns.mark_ready(ino[name])
+    for name in ("uploading", "durable"):
+        ns.start_upload(ino[name])
+    assert ns.mark_durable(ino["durable"], ns.getattr(ino["durable"]).changed_gen)
+    ns.opened(ino["dirty"], writable=True)  # its writer dies with the daemon
+    seq_of_uploading = ns.getattr(ino["uploading"]).ready_seq
+    journal.conn.close()  # as kill -9 leaves it: committed, not checkpointed
+
+    journal = Journal(tmp_path / "journal.db")
+    again = Namespace(journal, uid=0, gid=0, on_purge=cache.remove)
+    before = {name: again.getattr(i).state for name, i in ino.items()}
+    assert before == {"dirty": DIRTY, "queued": QUEUED, "uploading": UPLOADING, "durable": DURABLE}
+    summary = recover(again, cache, journal)
+    assert (summary["requeued"], summary["made_ready"]) == (1, 1)
+    after = {name: again.getattr(i).state for name, i in ino.items()}
+    assert after == {"dirty": QUEUED, "queued": QUEUED, "uploading": QUEUED, "durable": DURABLE}
+    assert again.getattr(ino["uploading"]).ready_seq == seq_of_uploading, "an interrupted upload keeps its place"
+    assert again.getattr(ino["dirty"]).ready_seq > seq_of_uploading
+    journal.close()
+
+
+def test_the_journal_refuses_a_state_that_contradicts_the_commit_order(parts):
+    journal, ns, _ = parts
+    ino = ns.create(ROOT_INODE, b"f", FILE, 0, 0).id
+    with pytest.raises(sqlite3.IntegrityError):
+        journal.execute("UPDATE inodes SET state='queued' WHERE id=?", (ino,))  # queued without a place
+    with pytest.raises(sqlite3.IntegrityError):
+        journal.execute("UPDATE inodes SET state='resting' WHERE id=?", (ino,))
+    ns.mark_ready(ino)
+    with pytest.raises(sqlite3.IntegrityError):
+        journal.execute("UPDATE inodes SET state='dirty' WHERE id=?", (ino,))  # dirty with a place
+    assert ns.getattr(ino).state is QUEUED

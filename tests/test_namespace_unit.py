@@ -13,6 +13,7 @@ import pytest
 
 from gateway import namespace as namespace_module
 from gateway.errors import FsError
+from gateway.file_state import DIRTY, DURABLE, QUEUED, UPLOADING, IllegalTransition
 from gateway.journal import Journal
 from gateway.namespace import RENAME_EXCHANGE, ROOT_INODE, Namespace
 
@@ -20,7 +21,7 @@ FILE = stat.S_IFREG | 0o644
 DIR = stat.S_IFDIR | 0o755
 FIFO = stat.S_IFIFO | 0o644
 # The drain's query for what it must publish (gateway/drain.py, Drain._schedule).
-PENDING_SQL = "SELECT id FROM inodes WHERE durable=0 AND nlink>0 AND ready_seq IS NOT NULL"
+PENDING_SQL = "SELECT id FROM inodes WHERE state IN ('queued', 'uploading') AND nlink>0"
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +59,7 @@ def publish(ns: Namespace, ino: int, *keys: str) -> None:
     """What the drain records once `ino` is in the bucket under `keys`."""
     for key in keys:
         ns.journal.execute("INSERT OR REPLACE INTO objects (key, inode, size) VALUES (?, ?, 0)", (key, ino))
-    ns.journal.execute("UPDATE inodes SET durable=1, content_dirty=0 WHERE id=?", (ino,))
+    ns.journal.execute("UPDATE inodes SET state='durable', content_dirty=0 WHERE id=?", (ino,))
 
 
 def pending(ns: Namespace) -> set[int]:
@@ -366,3 +367,83 @@ def test_an_entry_from_another_node_takes_back_the_marker_of_a_directory_publish
     publish(ns, other)  # durable, no marker of ours
     ns.adopt_remote(other, b"shard", is_dir=False, size=3, key="other/shard", etag="e")
     assert other not in pending(ns)
+
+
+# ---- the file state (gateway/file_state.py) ------------------------------------------------
+
+def test_a_file_goes_dirty_queued_uploading_durable_and_back(ns):
+    ino = ns.create(ROOT_INODE, b"f", FILE, 0, 0).id
+    ns.opened(ino, writable=True)
+    ns.content_changed(ino)
+    assert (ns.getattr(ino).state, ns.getattr(ino).ready_seq) == (DIRTY, None)
+    ns.closed(ino, writable=True)
+    queued = ns.getattr(ino)
+    assert queued.state is QUEUED and queued.ready_seq is not None
+    ns.start_upload(ino)
+    assert ns.getattr(ino).state is UPLOADING
+    assert ns.mark_durable(ino, queued.changed_gen)
+    assert ns.getattr(ino).state is DURABLE and ino not in pending(ns)
+    ns.content_changed(ino)  # rewritten in place
+    assert (ns.getattr(ino).state, ns.getattr(ino).ready_seq) == (DIRTY, None)
+    ns.mark_ready(ino)
+    ns.rename(ROOT_INODE, b"f", ROOT_INODE, b"g", 0)
+    assert ns.getattr(ino).state is QUEUED and ns.getattr(ino).ready_seq > queued.ready_seq
+    ns.remember(ino)  # the kernel still knows it: kept, unlinked, with nothing to publish
+    ns.unlink(ROOT_INODE, b"g")
+    assert (ns.getattr(ino).nlink, ns.getattr(ino).state) == (0, DURABLE)
+
+
+def test_a_write_during_an_upload_makes_it_dirty_and_the_upload_ends_without_durability(ns):
+    ino = new_file(ns, ROOT_INODE, b"f")
+    ns.start_upload(ino)
+    gen = ns.getattr(ino).changed_gen
+    ns.opened(ino, writable=True)
+    ns.content_changed(ino)
+    assert ns.getattr(ino).state is DIRTY
+    assert not ns.mark_durable(ino, gen), "an upload of old content must not make the new content durable"
+    ns.upload_ended(ino)
+    assert ns.getattr(ino).state is DIRTY, "the end of the old upload must not queue a file being written"
+
+
+def test_a_rename_during_an_upload_queues_it_again_under_the_new_name(ns):
+    ino = new_file(ns, ROOT_INODE, b"f.tmp")
+    ns.start_upload(ino)
+    gen = ns.getattr(ino).changed_gen
+    ns.rename(ROOT_INODE, b"f.tmp", ROOT_INODE, b"f", 0)
+    assert ns.getattr(ino).state is QUEUED
+    assert not ns.mark_durable(ino, gen)
+    ns.upload_ended(ino)
+    ns.start_upload(ino)  # the next job for the new name
+    assert ns.mark_durable(ino, ns.getattr(ino).changed_gen)
+
+
+def test_an_upload_that_fails_leaves_the_file_queued_in_its_place(ns):
+    ino = new_file(ns, ROOT_INODE, b"f")
+    seq = ns.getattr(ino).ready_seq
+    ns.start_upload(ino)
+    ns.upload_ended(ino)
+    assert (ns.getattr(ino).state, ns.getattr(ino).ready_seq) == (QUEUED, seq)
+
+
+@pytest.mark.parametrize("setup", ["dirty", "uploading", "durable"])
+def test_an_illegal_transition_raises_and_changes_nothing(ns, setup):
+    ino = ns.create(ROOT_INODE, b"f", FILE, 0, 0).id  # dirty
+    if setup != "dirty":
+        ns.mark_ready(ino)
+        ns.start_upload(ino)
+    if setup == "durable":
+        assert ns.mark_durable(ino, ns.getattr(ino).changed_gen)
+    before = ns.getattr(ino)
+    with pytest.raises(IllegalTransition, match=f"{setup} -> uploading"):
+        ns.start_upload(ino)  # a file being written, a second job, or nothing to publish
+    assert ns.getattr(ino) == before
+
+
+def test_a_directory_is_queued_when_its_entries_change_and_never_dirty(ns):
+    d = ns.create(ROOT_INODE, b"d", DIR, 0, 0).id
+    assert ns.getattr(d).state is QUEUED
+    ns.start_upload(d)
+    ns.create(d, b"f", FILE, 0, 0)  # its marker job is superseded: the directory has a child now
+    assert ns.getattr(d).state is QUEUED
+    ns.rename(ROOT_INODE, b"d", ROOT_INODE, b"e", 0)
+    assert ns.getattr(d).state is QUEUED

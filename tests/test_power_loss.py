@@ -116,5 +116,6 @@ def test_power_loss_loses_no_fsynced_data(loop_disk, make_mount, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3000)  # 200 trials take ~25-35 min on 2 loaded cores; the default 300 s stopped them
 def test_power_loss_loses_no_fsynced_data_long(loop_disk, make_mount, tmp_path):
     run_power_loss_trials(loop_disk, make_mount, tmp_path, TRIALS_SLOW, seed=11)

@@ -21,7 +21,7 @@ FILE = stat.S_IFREG | 0o644
 
 def published(ns: Namespace, name: bytes, *, cached: bool) -> int:
     ino = ns.create(ROOT_INODE, name, FILE, 0, 0).id
-    ns.journal.execute("UPDATE inodes SET size=3, content_dirty=0, durable=1, ready_seq=1, cached=? WHERE id=?",
+    ns.journal.execute("UPDATE inodes SET size=3, content_dirty=0, state='durable', ready_seq=1, cached=? WHERE id=?",
                        (int(cached), ino))
     ns.journal.execute("INSERT INTO objects (key, inode, size) VALUES (?, ?, 3)", (name.decode(), ino))
     return ino
