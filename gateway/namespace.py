@@ -817,7 +817,7 @@ class Namespace:
         """Another node put something into a directory whose empty-marker object this node
         published (or may be publishing: the directory is pending): it is no longer empty, so the
         drain takes the marker back (a marker upload in flight no longer matches and is redone)."""
-        row = self.journal.one("SELECT durable FROM inodes WHERE id=?", (parent,))
+        row = self.journal.one("SELECT state = 'durable' FROM inodes WHERE id=?", (parent,))
         if row is not None and (not row[0] or self.journal.one(
                 "SELECT 1 FROM objects WHERE inode=? AND key LIKE '%/' LIMIT 1", (parent,))):
             t = now_ns()

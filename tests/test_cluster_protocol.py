@@ -316,7 +316,7 @@ def test_fence_waits_for_the_other_nodes_staged_files_and_adopts_them(s3_server,
             key = staged_key(root, b.cluster.member, "array_metadatas/process_1")
             b.journal.execute("INSERT INTO objects (key, inode, size, digest, etag) VALUES (?, ?, 6, 'd', 'e')",
                               (key, ino))
-            b.journal.execute("UPDATE inodes SET durable=1")
+            b.journal.execute("UPDATE inodes SET state='durable'")
             await b.cluster.poll_once()
             with trio.fail_after(5):
                 await fenced.wait()
