@@ -130,6 +130,8 @@ class Control:
             "uploaded_files_total": counters.uploaded_files,
             "copied_files_total": counters.copied_files,
             "digest_passes_total": counters.digest_passes,
+            "scheduler_passes_total": counters.scheduler_passes,
+            "scheduler_pass_seconds_total": round(counters.scheduler_pass_s, 3),
             "deleted_objects_total": counters.deleted_objects,
             "retries_total": counters.retries,
             "errors_total": counters.errors,
