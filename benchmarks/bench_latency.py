@@ -181,7 +181,10 @@ def main(argv=None) -> dict:
            "files": len(files), "bytes": total, "rtt_ms": rtt_ms, "bandwidth": args.bandwidth,
            "repeat": args.repeat, "median_s": {v: round(x, 3) for v, x in med.items()},
            "files_per_s": {v: round(len(files) / x, 1) for v, x in med.items()},
-           "trials_s": {v: [round(r["s"], 3) for r in rs] for v, rs in results.items()}}
+           "trials_s": {v: [round(r["s"], 3) for r in rs] for v, rs in results.items()},
+           "daemon_cpu_s": {v: round(median([r["daemon_cpu_s"] for r in rs]), 2)
+                            for v, rs in results.items() if v.startswith("ckptfs")},
+           "scheduler_passes": {v: [r["passes"] for r in rs] for v, rs in results.items() if v.startswith("ckptfs")}}
     for p in paths:
         ratio = med[f"ckptfs/{p}"] / med[f"boto3/{p}"]
         out[f"ratio_{p}"] = round(ratio, 3)

@@ -131,6 +131,7 @@ class Control:
             "copied_files_total": counters.copied_files,
             "digest_passes_total": counters.digest_passes,
             "scheduler_passes_total": counters.scheduler_passes,
+            "part_buffers_allocated_total": self.drain.publisher.buffers.allocated,
             "scheduler_pass_seconds_total": round(counters.scheduler_pass_s, 3),
             "deleted_objects_total": counters.deleted_objects,
             "retries_total": counters.retries,
