@@ -36,7 +36,7 @@ lint: $(STAMP)
 	$(PY) -m mypy
 
 test: lint
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --slow tests
