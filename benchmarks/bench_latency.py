@@ -29,6 +29,8 @@ import time
 import uuid
 from pathlib import Path
 
+import psutil
+
 from benchmarks._common import (
     MiB, Mount, base_parser, block, emit, empty_bucket, fsync_dir, human, latency_proxy, log, median, moto,
     parse_size, print_table, run_main, workdir,
@@ -83,17 +85,23 @@ def gateway_trial(server, endpoint: str, base: Path, shape: str, files: dict[str
         t0 = time.perf_counter()
         tmp = write_tree(m.mnt, shape, files)
         t_write = time.perf_counter() - t0
+        daemon = psutil.Process(m.pid)
+        before, cpu0 = m.status(), sum(daemon.cpu_times()[:2])
         t0 = time.perf_counter()
         os.rename(tmp, m.mnt / names(shape)[1])
         m.wait(timeout=args.timeout)
         s = time.perf_counter() - t0
+        cpu = sum(daemon.cpu_times()[:2]) - cpu0
         st = m.status()
         assert st["uploaded_bytes_total"] >= sum(files.values()), st
         bucket = m.bucket
+    passes = st["scheduler_passes_total"] - before["scheduler_passes_total"]
+    pass_s = st["scheduler_pass_seconds_total"] - before["scheduler_pass_seconds_total"]
+    log(f"ckptfs: daemon CPU {cpu:.2f} s after the rename, {passes} scheduler passes ({pass_s:.2f} s)")
     keys = server.boto3_client().list_objects_v2(Bucket=bucket, Prefix="bench/").get("KeyCount", 0)
     assert keys >= min(len(files), 1000), keys
     empty_bucket(server, bucket)
-    return {"s": s, "write_s": t_write}
+    return {"s": s, "write_s": t_write, "daemon_cpu_s": cpu, "passes": passes, "pass_s": pass_s}
 
 
 def boto3_trial(server, endpoint: str, src: Path, shape: str, files: dict[str, int], bucket: str, args) -> dict:
@@ -173,7 +181,10 @@ def main(argv=None) -> dict:
            "files": len(files), "bytes": total, "rtt_ms": rtt_ms, "bandwidth": args.bandwidth,
            "repeat": args.repeat, "median_s": {v: round(x, 3) for v, x in med.items()},
            "files_per_s": {v: round(len(files) / x, 1) for v, x in med.items()},
-           "trials_s": {v: [round(r["s"], 3) for r in rs] for v, rs in results.items()}}
+           "trials_s": {v: [round(r["s"], 3) for r in rs] for v, rs in results.items()},
+           "daemon_cpu_s": {v: round(median([r["daemon_cpu_s"] for r in rs]), 2)
+                            for v, rs in results.items() if v.startswith("ckptfs")},
+           "scheduler_passes": {v: [r["passes"] for r in rs] for v, rs in results.items() if v.startswith("ckptfs")}}
     for p in paths:
         ratio = med[f"ckptfs/{p}"] / med[f"boto3/{p}"]
         out[f"ratio_{p}"] = round(ratio, 3)

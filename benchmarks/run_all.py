@@ -152,9 +152,13 @@ def rows_for(label: str, r: dict) -> list[list[str]]:
             via = f"proxy +{r['rtt_ms'] / 2:g} ms each way" if path == "proxy" else "moto direct"
             per_rtt = (f"; {fps[f'ckptfs/{path}'] * r['rtt_ms'] / 1000:.2f} vs "
                        f"{fps[f'boto3/{path}'] * r['rtt_ms'] / 1000:.2f} files per round trip" if path == "proxy" else "")
-            rows.append([f"{what} ({r['bytes'] >> 20} MiB), {via}: rename → `ckptfs wait` ÷ boto3 (10 threads){tag}",
+            big = r["shape"] == "torch"
+            boto3 = "boto3 multipart" if big else "boto3 (10 threads)"
+            rate = (f"{r['bytes'] / m[f'ckptfs/{path}'] / 2**20:.0f} MiB/s" if big
+                    else f"{fps[f'ckptfs/{path}']:.0f} files/s")
+            rows.append([f"{what} ({r['bytes'] >> 20} MiB), {via}: rename → `ckptfs wait` ÷ {boto3}{tag}",
                          "≤ 1.2", f"**{r[f'ratio_{path}']:.2f}** (ckptfs {m[f'ckptfs/{path}']:.2f} s = "
-                         f"{fps[f'ckptfs/{path}']:.0f} files/s; boto3 {m[f'boto3/{path}']:.2f} s){per_rtt}"])
+                         f"{rate}; boto3 {m[f'boto3/{path}']:.2f} s){'' if big else per_rtt}"])
         return rows
     return []
 

@@ -119,7 +119,7 @@ async def _serve_locked(config: Config, journal: Journal, on_ready: Callable[[],
     ns = Namespace(journal, uid=os.getuid(), gid=os.getgid(), on_purge=cache.remove)
     recover(ns, cache, journal)
     async with Store(config.bucket, config.prefix, endpoint_url=config.endpoint_url, region=config.region,
-                     max_connections=config.upload_concurrency + 8) as store:
+                     max_connections=config.upload_concurrency + config.put_concurrency + 8) as store:
         await _at_mount(f"cannot use s3://{config.bucket}", store.check_bucket, timeout_s=30)
         listing = BucketListing(ns, store, config.metadata_ttl_s, follow_bucket=config.cluster,
                                 on_stale_entry=forget_kernel_entry)

@@ -44,7 +44,7 @@ def read_range(path: str, offset: int, length: int) -> bytes:
     return data
 
 
-def crc32_b64(data: bytes | memoryview) -> str:
+def crc32_b64(data: bytes | bytearray | memoryview) -> str:
     """The S3 `x-amz-checksum-crc32` value of `data`."""
     return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
 
@@ -105,6 +105,10 @@ class PartBuffers:
             view.release()
             if len(self._idle) < self.keep and _unreferenced(buf):
                 self._idle.append(buf)
+
+    def clear(self) -> None:
+        """Drop the idle buffers (leased ones are dropped when they come back, if nothing is kept)."""
+        self._idle.clear()
 
     def _new(self) -> bytearray:
         self.allocated += 1

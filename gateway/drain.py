@@ -160,6 +160,8 @@ class Drain:
                     self._schedule(nursery)
                     await self._schedule_deletes(nursery)
                 spent = time.monotonic() - began
+                self.counters.scheduler_passes += 1
+                self.counters.scheduler_pass_s += spent
                 with trio.move_on_after(self._tick_s()):
                     await self._wake.wait()
                 # one pass serves a burst of changes; a costly pass leaves the loop room for FUSE
@@ -400,12 +402,17 @@ class Drain:
 
     def state_of(self, attr: Attr) -> str:
         """The file's state as users see it: its journal state, `held` for a queued file whose
-        temporary name the drain holds back."""
+        temporary name the drain holds back. The name comes from the lineage cache: status and
+        `ckptfs wait` ask several times a second, over every pending file."""
         if attr.state is QUEUED:
-            path = self.ns.path_of(attr.id) if attr.is_dir else self.publish_name(attr.id)
-            if path is not None and self.held(path, attr.changed_at, time.time()):
+            lineage = self.lineage_of(attr)
+            if lineage is not None and lineage[2] and self.held(lineage[0], attr.changed_at, time.time()):
                 return HELD
         return attr.state.value
+
+    def lineage_of(self, attr: Attr) -> tuple[str, tuple[int, ...], bool] | None:
+        """The name it is published under, its directories and whether that name is temporary."""
+        return self._cached_lineage(attr.id, attr.mode, attr.nlink)
 
     def commit_waits(self) -> list[dict]:
         """Markers waiting for their scope: on local files, or (gate) on other nodes."""
@@ -523,8 +530,9 @@ class Drain:
                 await self.publisher.rescue_displaced(link, attr.id, token[0], self._priority_of(attr.id),
                                                       lambda k: self._claim(attr.id, k))
                 await self._copy(attr, key, link, token)
-        self.book.orphan(attr.id, token[0], keep=(key, *links))
-        self._finish(attr.id, token, attr)
+        with self.journal.transaction():
+            self.book.orphan(attr.id, token[0], keep=(key, *links))
+            self._finish(attr.id, token, attr)
 
     def _claim(self, ino: int, key: str) -> None:
         self.busy_keys.add(key)
@@ -562,11 +570,12 @@ class Drain:
         check = lambda: self._check_token(attr.id, token)  # noqa: E731
         if size <= self.config.part_size_bytes:
             etag = await self.publisher.put(key, lambda: digests.read_range_sums(path, 0, size), metadata,
-                                            self._priority_of(attr.id), check)
+                                            self._priority_of(attr.id), check, size)
         else:
             etag = await self.publisher.upload_multipart(key, path, size, metadata, self._priority_of(attr.id), check)
-        self.book.record(key, attr.id, size, digest, etag, token[0])
-        self._set_digest(attr.id, token, digest)
+        with self.journal.transaction():  # one commit per upload's results
+            self.book.record(key, attr.id, size, digest, etag, token[0])
+            self._set_digest(attr.id, token, digest)
         self._count_upload(size)
 
     async def _put_bytes(self, attr: Attr, key: str, token: tuple[int, int], body: bytes, kind: str) -> None:

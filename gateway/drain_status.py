@@ -18,6 +18,8 @@ class DrainCounters:
     uploaded_files: int = 0
     copied_files: int = 0
     digest_passes: int = 0    # uploads whose digest needed a re-read of the file
+    scheduler_passes: int = 0
+    scheduler_pass_s: float = 0.0  # loop time the passes took
     deleted_objects: int = 0
     retries: int = 0
     errors: int = 0
@@ -47,11 +49,12 @@ def pending_view(drain: Drain) -> PendingView:
     view = PendingView(durable_through_gen=ns.gen)
     for row in drain.journal.all(f"SELECT {INODE_COLUMNS} FROM inodes WHERE {PENDING_SQL} AND nlink>0"):
         attr = Attr(*row)
-        if attr.id == ROOT_INODE or ns.path_of(attr.id) is None:
+        if attr.id == ROOT_INODE or drain.lineage_of(attr) is None:
             continue
         _count(view, attr, drain.state_of(attr), ns)
+    memo: dict[str, int | None] = {}
     for key, gen in drain.book.stale(1 << 30):
-        if not drain.book.wanted(key):
+        if not drain.book.wanted(key, memo):
             view.stale_objects += 1
             view.durable_through_gen = min(view.durable_through_gen, gen - 1)
     return view

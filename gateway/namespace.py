@@ -243,8 +243,18 @@ class Namespace:
         text = name.decode("utf-8", "surrogateescape")
         return f"{base}/{text}" if base else text
 
-    def resolve(self, path: str) -> int | None:
-        """The inode at `path` (relative to the root), or None."""
+    def resolve(self, path: str, memo: dict[str, int | None] | None = None) -> int | None:
+        """The inode at `path` (relative to the root), or None. `memo` (directory path -> inode)
+        lets a caller resolving many keys of one tree in one go look each directory up once."""
+        if memo is None or "/" not in path:
+            return self._resolve(path)
+        head, _, name = path.rpartition("/")
+        if head not in memo:
+            memo[head] = self._resolve(head)
+        parent = memo[head]
+        return None if parent is None or not name else self.child_id(parent, name.encode("utf-8", "surrogateescape"))
+
+    def _resolve(self, path: str) -> int | None:
         ino = ROOT_INODE
         for part in filter(None, path.split("/")):
             child = self.child_id(ino, part.encode("utf-8", "surrogateescape"))

@@ -70,9 +70,10 @@ class ObjectBook:
     def deleted(self, key: str) -> None:
         self.journal.execute("DELETE FROM objects WHERE key=? AND inode IS NULL", (key,))
 
-    def wanted(self, key: str) -> bool:
-        """Whether a live name maps to `key` (then a stale object there is overwritten, not deleted)."""
-        ino = self.ns.resolve(key.rstrip("/"))
+    def wanted(self, key: str, memo: dict[str, int | None] | None = None) -> bool:
+        """Whether a live name maps to `key` (then a stale object there is overwritten, not deleted).
+        `memo`: see Namespace.resolve (one check of many keys, with no change in between)."""
+        ino = self.ns.resolve(key.rstrip("/"), memo)
         if ino is None:
             return False
         attr = self.ns.getattr(ino)

@@ -221,8 +221,8 @@ class Store:
                                 Metadata=metadata, ChecksumAlgorithm="CRC32", **_tagging(key))
         return resp["UploadId"]
 
-    async def upload_part(self, key: str, upload_id: str, number: int, body: bytes, crc32: str | None = None,
-                          sha256: str | None = None) -> dict:
+    async def upload_part(self, key: str, upload_id: str, number: int, body: bytes | bytearray | memoryview,
+                          crc32: str | None = None, sha256: str | None = None) -> dict:
         crc32 = crc32 or crc32_b64(body)
         resp = await self._call(f"part {number} of {key}", "upload_part", Key=self.full_key(key),
                                 UploadId=upload_id, PartNumber=number, Body=Body(body, sha256), ChecksumCRC32=crc32)
