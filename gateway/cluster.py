@@ -326,7 +326,11 @@ class Cluster:
             return True
         if any(not a.committed for a in self.answers.values()):
             return True
-        return self.journal.one("SELECT 1 FROM inodes WHERE state <> 'durable' AND nlink>0 LIMIT 1") is not None
+        return self._has_pending_files()
+
+    def _has_pending_files(self) -> bool:
+        """Whether any file of this node is not durable yet (one index lookup)."""
+        return self.journal.one(f"SELECT 1 FROM inodes WHERE {PENDING_SQL} AND nlink>0 LIMIT 1") is not None
 
     async def _poll_loop(self) -> None:
         while True:
@@ -371,7 +375,7 @@ class Cluster:
     def _poll_when_drained(self) -> None:
         """All our files just became durable: look for commits at once (one LIST), not at the next
         poll, so an announcement we have not seen yet is answered now."""
-        pending = self.journal.one(f"SELECT 1 FROM inodes WHERE {PENDING_SQL} AND nlink>0 LIMIT 1") is not None
+        pending = self._has_pending_files()
         if self._had_pending and not pending:
             self._poll_wake.set()
         self._had_pending = pending
@@ -472,7 +476,7 @@ class Cluster:
         if ino is None or not self.ns.getattr(ino).is_dir:
             return []
         pending = self.journal.all(
-            SUBTREE_CTE + "SELECT sub.i FROM sub JOIN inodes ON inodes.id = sub.i WHERE inodes.state <> 'durable' "
+            SUBTREE_CTE + f"SELECT sub.i FROM sub JOIN inodes ON inodes.id = sub.i WHERE inodes.{PENDING_SQL} "
             "AND inodes.nlink > 0 AND (inodes.mode & 61440) <> 16384", (ino,))
         pending_dirs = self.ns.subtree_has_pending(ino)
         if pending or pending_dirs or self.staging.has_stale_own():  # staged copies go before the answer
