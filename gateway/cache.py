@@ -15,6 +15,8 @@ from pathlib import Path
 
 import trio
 
+from gateway.spare_files import SpareFiles
+
 log = logging.getLogger(__name__)
 
 # Writes at least this large go to a worker thread; smaller ones cost less than the thread hop.
@@ -64,6 +66,7 @@ class CacheFiles:
         for sub in range(256):  # made once here, not checked on every open
             (self.root / f"{sub:02x}").mkdir(exist_ok=True)
         self.used_bytes = self._scan_used()
+        self.spares = SpareFiles(self.root / "spare")  # filled by the daemon (`spares.run`)
 
     def path(self, ino: int) -> Path:
         return self.root / f"{ino % 256:02x}" / str(ino)
@@ -85,6 +88,23 @@ class CacheFiles:
             slot = self._fds[ino] = [os.open(self.path(ino), os.O_RDWR | os.O_CREAT, 0o600), 0]
         slot[1] += 1
         return slot[0]
+
+    def create_empty(self, ino: int) -> None:
+        """The new inode's data file, empty: a spare file renamed into place (it replaces a stale
+        one a crash left), or made here if the pool is dry."""
+        spare = self.spares.take()
+        if spare is not None:
+            path = self.path(ino)
+            try:
+                self.used_bytes -= path.lstat().st_blocks * 512
+            except FileNotFoundError:
+                pass
+            try:
+                os.rename(spare, path)
+                return
+            except FileNotFoundError:
+                pass  # removed by hand: make one below
+        self.truncate(ino, 0)
 
     def release(self, ino: int) -> None:
         slot = self._fds[ino]

@@ -153,9 +153,11 @@ async def _serve_locked(config: Config, journal: Journal, on_ready: Callable[[],
             space.reader = reader
             ns.purge_listeners += [space.forget, reader.forget]
             ops = Operations(ns, cache, control, reader=reader, space=space)
+            ops.foreground = drain.publisher.foreground
             control.ops = ops
             control.reader = reader
             fetch_nursery.start_soon(supervised, "bucket listing", listing.run, errors)
+            fetch_nursery.start_soon(supervised, "spare data files", cache.spares.run, errors)
             if cluster is not None:
                 ops.remote_lookup = cluster.lookup_remote
                 ops.before_readdir = cluster.before_readdir

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 import stat
 import time
 from typing import Protocol
@@ -45,6 +46,7 @@ SCAN_LIMIT = 4096
 RATE_WINDOW_S = 10.0
 COALESCE_S = 0.02
 PASS_SHARE = 0.2          # a pass may take at most this share of the loop's time
+TICK_S = 0.5              # the longest wait between passes (retries, anything time-based not tracked)
 STARTUP_CLEANUP_S = 30.0
 VIEW_MAX_AGE_S = 0.1
 OLD_SCOPE_GRACE_S = 3.0   # an older checkpoint retention keeps this long is uploaded, too
@@ -122,18 +124,35 @@ class Drain:
         self._view_at = 0.0
         self._rate: collections.deque[tuple[float, int]] = collections.deque()
         self._wake = trio.Event()
+        self._sleep = trio.CancelScope()  # the wait between passes; a namespace change may shorten it
+        self._due_wall = math.inf         # wall time the earliest pending row becomes startable
+        self._changed_due = math.inf      # trio time a change made after this pass read its rows is due
         self._stopping = False
         self._synced_changes = -1
         self._lineages: dict[tuple[int, int], tuple[str, tuple[int, ...], bool] | None] = {}
         self._lineages_at = -1
         self.started_at = time.time()
-        ns.on_change = self.wake
+        ns.on_change = self.note_change
         ns.on_removed = self.cancel
 
     # ---- service ------------------------------------------------------------------------
 
     def wake(self) -> None:
+        """Pass now (coalesced): a job ended, an inode lost its name, a gate opened, a wait began."""
         self._wake.set()
+
+    def note_change(self) -> None:
+        """A namespace change. What it makes startable waits out the drain delay from now, so the
+        next pass need not come before that: a burst of creates costs one pass per drain delay,
+        not one per file (each pass reads every pending row)."""
+        try:
+            due = trio.current_time() + self.config.drain_delay_s
+        except RuntimeError:  # outside the trio run (start-up, tests): just pass soon
+            self.wake()
+            return
+        self._changed_due = min(self._changed_due, due)
+        if due < self._sleep.deadline:
+            self._sleep.deadline = due
 
     def stop(self) -> None:
         self._stopping = True
@@ -162,14 +181,20 @@ class Drain:
                 spent = time.monotonic() - began
                 self.counters.scheduler_passes += 1
                 self.counters.scheduler_pass_s += spent
-                with trio.move_on_after(self._tick_s()):
+                deadline = min(trio.current_time() + self._wait_s(), self._changed_due)
+                with trio.CancelScope(deadline=deadline) as self._sleep:
                     await self._wake.wait()
                 # one pass serves a burst of changes; a costly pass leaves the loop room for FUSE
                 await trio.sleep(max(COALESCE_S, spent * (1 - PASS_SHARE) / PASS_SHARE))
             nursery.cancel_scope.cancel()
 
-    def _tick_s(self) -> float:
-        return max(0.05, min(0.5, self.config.drain_delay_s / 2))
+    def _wait_s(self) -> float:
+        """Until the next pass: when the earliest row the last pass skipped becomes startable (drain
+        delay, hold limit, retry backoff, an old checkpoint's grace), at most TICK_S."""
+        now = time.time()
+        later = [*self.not_before.values(),  # stale keys' deletes retry too
+                 *(t + OLD_SCOPE_GRACE_S for t in self.selection.superseded_since.values())]
+        return max(0.0, min(TICK_S, self._due_wall - now, *[t - now for t in later if t > now]))
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until nothing drainable is pending; False on timeout."""
@@ -243,8 +268,10 @@ class Drain:
         self.publisher.reprioritize()
 
     def _rows(self, now: float) -> list[scheduler.Row]:
+        self._changed_due = math.inf  # the rows read below show every change made until now
         rows = []
         quiet_since = now - self.config.drain_delay_s
+        due = math.inf
         for ino, mode, nlink, state, ready_seq, changed_at, changed_gen, published in self.journal.all(
                 "SELECT id, mode, nlink, state, ready_seq, changed_at, changed_gen, "
                 f"EXISTS (SELECT 1 FROM objects o WHERE o.inode = inodes.id) FROM inodes WHERE {PENDING_SQL} "
@@ -261,8 +288,18 @@ class Drain:
             startable = (state == QUEUED and (staged or not held) and changed_at <= quiet_since
                          and ino not in self.jobs and self.ns.writers(ino) == 0
                          and self.not_before.get(ino, 0) <= now)
+            if state == QUEUED and not startable and ino not in self.jobs and self.ns.writers(ino) == 0:
+                due = min(due, self._startable_at(ino, changed_at, held and not staged, now))
             rows.append(scheduler.Row(ino, path, ancestors, ready_seq, stat.S_ISDIR(mode), held, startable))
+        self._due_wall = due
         return rows
+
+    def _startable_at(self, ino: int, changed_at: float, held: bool, now: float) -> float:
+        """When a queued row that waits only on time becomes startable (inf: it waits on more)."""
+        waits = [t for t in (changed_at + self.config.drain_delay_s,
+                             changed_at + self.config.hold_limit_s if held else 0.0,
+                             self.not_before.get(ino, 0.0)) if t > now]
+        return max(waits) if waits else math.inf
 
     def _cached_lineage(self, ino: int, mode: int, nlink: int) -> tuple[str, tuple[int, ...], bool] | None:
         """Path, ancestors and whether the name is temporary, computed once per inode until names

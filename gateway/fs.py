@@ -22,6 +22,7 @@ import trio
 from gateway import content
 from gateway.cache import THREADED_WRITE_BYTES, CacheFiles, is_disk_full
 from gateway.errors import FsError, JournalError
+from gateway.foreground import Foreground
 from gateway.namespace import Attr, Namespace, is_local_only
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,9 @@ ATTR_TIMEOUT_S = 5.0
 # EROFS at once, like a filesystem remounted read-only after an error; reads go on.
 MUTATING = frozenset({"setattr", "mkdir", "rmdir", "unlink", "rename", "symlink", "link", "mknod", "create",
                       "write", "setxattr", "removexattr"})
+# Requests an application waits on while it saves or restores: while they flow, the drain yields
+# (gateway/foreground.py). Status polls (getxattr) and listings do not count.
+FOREGROUND = MUTATING | {"open", "read", "flush", "fsync"}
 XATTR_PREFIX = b"user."
 CONTROL_XATTR_PREFIX = b"user.ckptfs."
 KEEP_XATTR = b"user.ckptfs.keep"  # set by a user or the checkpointer: pin a checkpoint (SEMANTICS.md)
@@ -44,6 +48,8 @@ def fuse_errors(handler: Callable) -> Callable:
     @functools.wraps(handler)
     async def wrapper(self, *args):
         self.op_counts[handler.__name__] = self.op_counts.get(handler.__name__, 0) + 1
+        if handler.__name__ in FOREGROUND:
+            self.foreground.note_request()
         try:
             if handler.__name__ in MUTATING:
                 self.check_writable()
@@ -97,6 +103,7 @@ class Operations(pyfuse3.Operations):
         self._fh_counter = itertools.count(1)
         self.op_counts: dict[str, int] = {}
         self._write_locks: dict[int, trio.Lock] = {}  # inodes with a write in a worker thread
+        self.foreground = Foreground()  # the daemon passes the drain's: it yields while requests flow
 
     def check_writable(self) -> None:
         if self.ns.journal.failed:
@@ -260,16 +267,16 @@ class Operations(pyfuse3.Operations):
         if not stat.S_ISREG(mode):
             raise FsError(errno.EINVAL)
         attr = self.ns.create(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid)
-        self.cache.truncate(attr.id, 0)
+        self.cache.create_empty(attr.id)
         self.ns.mark_ready(attr.id)
         return self._entry_remembered(attr)
 
     # ---- files ----------------------------------------------------------------------------
 
-    def _open_handle(self, ino: int, flags: int) -> pyfuse3.FileInfo:
+    def _open_handle(self, ino: int, flags: int, *, created: bool = False) -> pyfuse3.FileInfo:
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         self.cache.acquire(ino)
-        self.ns.opened(ino, writable)
+        self.ns.opened(ino, writable, created=created)
         fh = next(self._fh_counter)
         self.handles[fh] = Handle(ino, writable, bool(flags & os.O_APPEND))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
@@ -277,8 +284,8 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
         attr = self.ns.create(parent_inode, name, stat.S_IFREG | (mode & ~ctx.umask & 0o7777), ctx.uid, ctx.gid)
-        info = self._open_handle(attr.id, flags)
-        self.cache.truncate(attr.id, 0)  # a stale data file (crash) would otherwise show through
+        self.cache.create_empty(attr.id)  # a stale data file (crash) would otherwise show through
+        info = self._open_handle(attr.id, flags, created=True)
         return info, self._entry_remembered(attr)
 
     @fuse_errors

@@ -114,6 +114,9 @@ class Journal:
         self.failed: str | None = None  # why the journal could not be written: the mount is failsafe
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, PRIVATE_MODE))  # SQLite gives -wal/-shm its mode
         self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        # One daemon owns the cache dir (its lock file): holding SQLite's lock for the life of the
+        # connection saves the lock and unlock system calls of every transaction (and the -shm file).
+        self.conn.execute("PRAGMA locking_mode=EXCLUSIVE")
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.execute("PRAGMA foreign_keys=OFF")

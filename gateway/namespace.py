@@ -89,8 +89,9 @@ class OpenState:
     version: int = 0          # bumped on every content change; the drain compares it around an upload
     size: int | None = None   # current size while writes are pending in memory
     mtime_ns: int | None = None
+    ctime_ns: int | None = None  # set by a times-only setattr of a file being written
     written: bool = False     # written since the journal last recorded size and mtime
-    recorded: bool = False    # the journal holds `size` and `mtime_ns` (flushed, nothing since)
+    recorded: bool = False    # the journal holds `size` and the times (flushed, nothing since)
     hasher: xxhash.xxh3_128 | None = None  # xxh3-128 of the content, while it is written strictly sequentially from 0
     hashed: int = 0           # bytes fed to `hasher`
 
@@ -173,6 +174,8 @@ class Namespace:
                 attr.size = state.size
             if state.mtime_ns is not None:
                 attr.mtime_ns = state.mtime_ns
+            if state.ctime_ns is not None:
+                attr.ctime_ns = state.ctime_ns
         return attr
 
     def lookup(self, parent: int, name: bytes) -> Attr:
@@ -552,6 +555,9 @@ class Namespace:
     # ---- attributes and content changes ----------------------------------------------
 
     def setattr(self, ino: int, *, mode=None, uid=None, gid=None, size=None, atime_ns=None, mtime_ns=None) -> Attr:
+        only_mtime = mtime_ns is not None and all(v is None for v in (mode, uid, gid, size, atime_ns))
+        if only_mtime and self._times_in_memory(ino, mtime_ns):
+            return self.getattr(ino)
         attr = self.getattr(ino)
         t = now_ns()
         sets, params = ["ctime_ns=?"], [t]
@@ -579,6 +585,15 @@ class Namespace:
             if state is None or state.writers == 0:
                 self.mark_ready(ino)
         return self.getattr(ino)
+
+    def _times_in_memory(self, ino: int, mtime_ns: int) -> bool:
+        """The kernel sets mtime as it writes a file back (writeback cache): while the file is being
+        written and its change is recorded already, the new times go with its size at close."""
+        state = self.open.get(ino)
+        if state is None or state.writers == 0 or not state.written:
+            return False
+        state.mtime_ns, state.ctime_ns, state.recorded = mtime_ns, now_ns(), False
+        return True
 
     def content_changed(self, ino: int) -> bool:
         """The content differs from what was published: not durable, not ready, old objects stale.
@@ -626,11 +641,12 @@ class Namespace:
     def record_size(self, ino: int) -> None:
         """Write the in-memory size and mtime of an open file to the journal (flush, fsync, close)."""
         state = self.open.get(ino)
-        if state is None or state.size is None or state.recorded:
+        if state is None or state.recorded or (state.size is None and state.mtime_ns is None):
             return
         self.journal.execute(
-            "UPDATE inodes SET size=?, mtime_ns=coalesce(?, mtime_ns), changed_at=? WHERE id=?",
-            (state.size, state.mtime_ns, time.time(), ino),
+            "UPDATE inodes SET size=coalesce(?, size), mtime_ns=coalesce(?, mtime_ns), ctime_ns=coalesce(?, ctime_ns), "
+            "changed_at=? WHERE id=?",
+            (state.size, state.mtime_ns, state.ctime_ns, time.time(), ino),
         )
         state.recorded = True
 
@@ -730,10 +746,14 @@ class Namespace:
             self.lookups.pop(ino, None)
             self._maybe_purge(ino)
 
-    def opened(self, ino: int, writable: bool) -> None:
+    def opened(self, ino: int, writable: bool, *, created: bool = False) -> None:
+        """A handle was opened; `created`: by the create that made the inode, whose new row already
+        says what a first write would record (dirty, new content, a new generation)."""
         state = self.open.setdefault(ino, OpenState())
         state.handles += 1
         state.writers += int(writable)
+        if created and writable:
+            state.written = True
 
     def closed(self, ino: int, writable: bool) -> None:
         """The last close of a written file records its size and makes it ready for the drain."""

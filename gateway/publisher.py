@@ -27,6 +27,7 @@ from gateway.errors import StoreError
 from gateway.journal import Journal
 from gateway.keys import PRIVATE_DIR
 from gateway.objects import ObjectBook
+from gateway.foreground import Foreground
 from gateway.priority import PriorityFn, PriorityLimiter
 from gateway.retry import OnRetry, retrying
 from gateway.store import Store
@@ -88,6 +89,7 @@ class Publisher:
         # are dropped once no multipart upload runs, so an idle daemon does not keep them
         self.buffers = digests.PartBuffers(config.part_size_bytes, keep=config.upload_concurrency)
         self._uploads_running = 0
+        self.foreground = Foreground()  # the daemon shares the FUSE layer's, which it tells of requests
 
     def reprioritize(self) -> None:
         self.parts.reprioritize()
@@ -104,6 +106,7 @@ class Publisher:
         on the loop for a body of `size` <= INLINE_BODY_MAX (a 16 KiB read and its sums take ~30 us,
         a thread hop several times that, and a checkpoint of 1,000 small files pays it per file)."""
         async with self.requests.slot(priority):
+            await self.foreground.turn()
             if size <= INLINE_BODY_MAX:
                 body, crc, sha = read()
             else:
@@ -190,7 +193,7 @@ class Publisher:
         start = (number - 1) * self.part_size
         end = min(size, start + self.part_size)
         numbered = lambda: (*priority(), number)  # noqa: E731 - earlier parts of a file first
-        async with self.parts.slot(numbered):
+        async with self.parts.slot(numbered), self.foreground.part():
             check()
             parts[number - 1] = await self._retrying(f"part {number} of {key}",
                                                      lambda: part(upload_id, number, start, end))

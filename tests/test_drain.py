@@ -197,6 +197,24 @@ def test_held_file_is_uploaded_after_hold_limit(make_mount):
     assert m.keys() == {"orphan.tmp": 13}
 
 
+def test_a_burst_of_creates_costs_passes_per_drain_delay_not_per_file(make_mount):
+    """Each scheduler pass reads every pending row: a pass per created file made a burst of small
+    files quadratic (issue 13). A change now only brings the next pass forward to its drain delay."""
+    m = make_mount(options=("--drain-delay", "3"))
+    before = m.status()["scheduler_passes_total"]
+    t0 = time.monotonic()
+    for i in range(100):
+        write_file(m.path / f"f{i:03d}", b"x", fsync=False)
+    elapsed = time.monotonic() - t0
+    status = m.status()
+    passes = status["scheduler_passes_total"] - before
+    if elapsed < 2.5:  # a pass comes at the latest every 0.5 s (TICK_S), and none is due before 3 s
+        assert passes <= 2 + elapsed / 0.5, f"{passes} passes for 100 creates in {elapsed:.2f}s"
+        assert status["uploaded_files_total"] == 0, "nothing is uploaded inside its drain delay"
+    m.wait(timeout=60)  # the files become startable 3 s after their close: the drain passes then
+    assert len(m.keys()) == 100
+
+
 def test_wait_without_paths_ignores_held_files(ckptfs_mount):
     m = ckptfs_mount
     write_file(m.path / "lock.__lock", b"")

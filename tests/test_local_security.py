@@ -33,8 +33,10 @@ def test_cache_dir_journal_and_log_are_private(make_mount):
     m.wait()
     assert mode_of(m.cache_dir) == 0o700
     assert mode_of(m.cache_dir / "data") == 0o700
-    for name in ("journal.db", "journal.db-wal", "journal.db-shm", "ckptfs.log", "lock"):
+    for name in ("journal.db", "journal.db-wal", "ckptfs.log", "lock"):
         assert mode_of(m.cache_dir / name) == 0o600, name
+    assert not (m.cache_dir / "journal.db-shm").exists(), "the journal is locked exclusively: no shared memory"
+    assert mode_of(m.cache_dir / "data" / "spare") == 0o700
     data_files = [os.path.join(d, f) for d, _, fs in os.walk(m.cache_dir / "data") for f in fs]
     assert data_files and all(mode_of(p) == 0o600 for p in data_files)
 

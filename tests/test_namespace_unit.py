@@ -447,3 +447,51 @@ def test_a_directory_is_queued_when_its_entries_change_and_never_dirty(ns):
     assert ns.getattr(d).state is QUEUED
     ns.rename(ROOT_INODE, b"d", ROOT_INODE, b"e", 0)
     assert ns.getattr(d).state is QUEUED
+
+
+# ---- the per-file cost of small files (issue 13) -------------------------------------------
+
+def test_first_write_of_a_file_its_create_opened_writes_no_journal_row(ns):
+    """create(2) leaves the row dirty with new content: the first write has nothing to record."""
+    ino = ns.create(ROOT_INODE, b"f", FILE, 0, 0).id
+    ns.opened(ino, writable=True, created=True)
+    changes = ns.journal.conn.total_changes
+    ns.content_changed(ino)
+    ns.note_write(ino, 0, b"abc")
+    assert ns.journal.conn.total_changes == changes
+    row = ns.getattr(ino)
+    assert (row.state, row.content_dirty, row.size) == (DIRTY, True, 3)
+    ns.closed(ino, writable=True)
+    closed = ns.getattr(ino)
+    assert (closed.state, closed.size) == (QUEUED, 3)
+    assert ns.journal.one("SELECT size FROM inodes WHERE id=?", (ino,))[0] == 3
+
+
+def test_an_existing_file_opened_for_writing_still_records_its_first_write(ns):
+    ino = new_file(ns, ROOT_INODE, b"f")
+    publish(ns, ino, "f")
+    ns.opened(ino, writable=True)
+    assert ns.content_changed(ino), "the journal had it clean: the caller must make the intent durable"
+    assert ns.getattr(ino).state is DIRTY
+
+
+def test_mtime_set_while_a_file_is_written_is_kept_in_memory_and_recorded_at_close(ns):
+    ino = ns.create(ROOT_INODE, b"f", FILE, 0, 0).id
+    ns.opened(ino, writable=True, created=True)
+    ns.note_write(ino, 0, b"data")
+    changes = ns.journal.conn.total_changes
+    shown = ns.setattr(ino, mtime_ns=123_000)
+    assert ns.journal.conn.total_changes == changes, "the kernel's mtime at write-back costs no commit"
+    assert shown.mtime_ns == 123_000 and ns.getattr(ino).mtime_ns == 123_000
+    ns.closed(ino, writable=True)
+    mtime, ctime = ns.journal.one("SELECT mtime_ns, ctime_ns FROM inodes WHERE id=?", (ino,))
+    assert mtime == 123_000 and ctime == shown.ctime_ns
+
+
+def test_mtime_of_a_file_not_being_written_goes_to_the_journal_at_once(ns):
+    ino = new_file(ns, ROOT_INODE, b"f")
+    ns.setattr(ino, mtime_ns=456_000)
+    assert ns.journal.one("SELECT mtime_ns FROM inodes WHERE id=?", (ino,))[0] == 456_000
+    ns.opened(ino, writable=True)  # opened, but not written: utimensat(2) is recorded at once too
+    ns.setattr(ino, mtime_ns=789_000)
+    assert ns.journal.one("SELECT mtime_ns FROM inodes WHERE id=?", (ino,))[0] == 789_000
