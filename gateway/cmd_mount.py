@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from gateway import config as configuration
-from gateway.cache import UnsafeCacheDir, secure_cache_dir
+from gateway.cache_dir import UnsafeCacheDir, secure_cache_dir
 from gateway.errors import CliError
 
 READY = b"READY\n"

@@ -22,7 +22,8 @@ import pyfuse3
 import trio
 
 from gateway import content
-from gateway.cache import CacheFiles, UnsafeCacheDir, secure_cache_dir
+from gateway.cache import CacheFiles
+from gateway.cache_dir import UnsafeCacheDir, secure_cache_dir
 from gateway.config import Config, cache_size_bytes
 from gateway.control import DRAIN_STATUS_FILE, Control
 from gateway.drain import Drain

@@ -193,7 +193,7 @@ class Publisher:
         start = (number - 1) * self.part_size
         end = min(size, start + self.part_size)
         numbered = lambda: (*priority(), number)  # noqa: E731 - earlier parts of a file first
-        async with self.parts.slot(numbered), self.foreground.part():
+        async with self.parts.slot(numbered):
             check()
             parts[number - 1] = await self._retrying(f"part {number} of {key}",
                                                      lambda: part(upload_id, number, start, end))

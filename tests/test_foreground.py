@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from gateway.foreground import BUSY_PARTS, Foreground
+from gateway.foreground import Foreground
 
 pytestmark = pytest.mark.trio
 
@@ -51,33 +51,3 @@ async def test_waiting_drain_requests_go_as_soon_as_the_application_pauses(autoj
         for _ in range(5):
             nursery.start_soon(fg.turn)
     assert trio.current_time() - t0 <= 0.05 + 1e-9, "a quiet mount must not keep the drain waiting"
-
-
-async def test_while_busy_only_a_few_parts_are_in_flight(autojump_clock):
-    fg = Foreground(busy_window_s=0.05)
-    in_flight = peak = 0
-
-    async def app() -> None:
-        for _ in range(100):
-            fg.note_request()
-            await trio.sleep(0.01)
-
-    async def part() -> None:
-        nonlocal in_flight, peak
-        async with fg.part():
-            in_flight += 1
-            peak = max(peak, in_flight)
-            await trio.sleep(0.1)
-            in_flight -= 1
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(app)
-        await trio.sleep(0)
-        for _ in range(8):
-            nursery.start_soon(part)
-    assert peak == BUSY_PARTS
-    peak = 0
-    async with trio.open_nursery() as nursery:  # the application is done: all at once
-        for _ in range(8):
-            nursery.start_soon(part)
-    assert peak == 8
