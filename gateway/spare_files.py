@@ -40,6 +40,7 @@ class SpareFiles:
         self._wanted = trio.Event()
         self.taken = 0
         self.missed = 0
+        self._failing = False
 
     def take(self) -> Path | None:
         """An empty file to rename into place, or None if the pool ran dry (the caller creates one)."""
@@ -67,10 +68,14 @@ class SpareFiles:
             self._next_batch += 1
             made, error = await trio.to_thread.run_sync(self._make, batch, want)
             self._ready.extend(made)
-            if error is not None:
+            if error is None:
+                self._failing = False
+                continue
+            if not self._failing:  # once per failing spell (a full disk would log every retry)
                 log.warning("could not make spare data files (%s); creates make their own meanwhile", error)
-                await trio.sleep(RETRY_AFTER_S)
-                self._wanted.set()
+            self._failing = True
+            await trio.sleep(RETRY_AFTER_S)
+            self._wanted.set()
 
     def _make(self, batch: Path, count: int) -> tuple[list[Path], OSError | None]:
         """In a worker thread: drop emptied batches, then create `count` empty files in a new

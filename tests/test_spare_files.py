@@ -84,3 +84,15 @@ def test_create_empty_without_spares_makes_the_file_itself(tmp_path):
     cache.path(7).write_bytes(b"stale")
     cache.create_empty(7)
     assert cache.path(7).stat().st_size == 0 and cache.spares.missed == 1
+
+
+@pytest.mark.trio
+async def test_a_failed_refill_is_logged_once_and_retried(tmp_path, caplog, autojump_clock):
+    spares = SpareFiles(tmp_path / "spare", target=4)
+    (tmp_path / "spare" / "b1").write_bytes(b"")  # the first batch directory cannot be made
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(spares.run)
+        await filled(spares)  # the retry makes batch b2
+        nursery.cancel_scope.cancel()
+    warnings = [r for r in caplog.records if "spare data files" in r.getMessage()]
+    assert len(warnings) == 1 and {p.parent.name for p in [spares.take()]} == {"b2"}
