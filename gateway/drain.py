@@ -178,6 +178,8 @@ class Drain:
                 if self.journal.failed is None:  # failsafe: nothing more is sent (the mount is read-only)
                     self._schedule(nursery)
                     await self._schedule_deletes(nursery)
+                else:
+                    self._due_wall = math.inf  # nothing is due: look again at the tick
                 spent = time.monotonic() - began
                 self.counters.scheduler_passes += 1
                 self.counters.scheduler_pass_s += spent
