@@ -383,3 +383,27 @@ def test_metrics_must_be_json(tmp_path):
         assert ckpt.statistics().saves_started == 0
         assert ckpt.maybe_save(1, {"x": torch.ones(1)}, metrics={"n": 3, "tag": "a"})
     assert json.loads((tmp_path / "step_1" / "COMMIT").read_text())["metrics"] == {"n": 3, "tag": "a"}
+
+
+def test_a_commit_marker_that_fails_to_read_is_skipped_never_deleted_nor_fatal(tmp_path, monkeypatch):
+    """On another node, the marker of a step rank 0's retention is deleting can answer EIO for a
+    moment: the scan skips that step (it is neither a checkpoint nor a leftover to remove) and the
+    save goes on."""
+    from mount import checkpointer as module
+
+    with ContinuousCheckpointer(tmp_path, keep=LatestN(1)) as ckpt:
+        ckpt.save(1, make_state())
+        real = module.read_commit
+
+        def flaky(step_dir: str) -> dict:
+            if step_dir.endswith("step_1"):
+                raise OSError(errno.EIO, "Input/output error")
+            return real(step_dir)
+
+        monkeypatch.setattr(module, "read_commit", flaky)
+        ckpt._infos.clear()  # as on a node that has not read the marker yet
+        ckpt.save(2, make_state())
+        ckpt.wait_local(2)
+        infos, partial = ckpt._scan()
+        assert [i.step for i in infos] == [2] and partial == []
+        assert (tmp_path / "step_1" / "COMMIT").exists(), "an unreadable marker must not make its step a leftover"
