@@ -287,10 +287,10 @@ class Drain:
             staged = held and self._staged(path)  # uploaded to a staged key: never a marker or a scope
             if held and published and not staged:
                 self._release_old_names(ino, mode, changed_gen)
-            startable = (state == QUEUED and (staged or not held) and changed_at <= quiet_since
-                         and ino not in self.jobs and self.ns.writers(ino) == 0
+            free = state == QUEUED and ino not in self.jobs and self.ns.writers(ino) == 0  # waits on time only
+            startable = (free and (staged or not held) and changed_at <= quiet_since
                          and self.not_before.get(ino, 0) <= now)
-            if state == QUEUED and not startable and ino not in self.jobs and self.ns.writers(ino) == 0:
+            if free and not startable:
                 due = min(due, self._startable_at(ino, changed_at, held and not staged, now))
             rows.append(scheduler.Row(ino, path, ancestors, ready_seq, stat.S_ISDIR(mode), held, startable))
         self._due_wall = due

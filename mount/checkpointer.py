@@ -53,7 +53,6 @@ log = logging.getLogger(__name__)
 
 STEP_PREFIX = "step_"
 COMMIT_NAME = "COMMIT"
-UNREADABLE = object()  # a step whose marker could not be read this time (see Checkpointer._read_info)
 COMMIT_VERSION = 1
 _STEP_RE = re.compile(re.escape(STEP_PREFIX) + r"(\d+)$")
 
@@ -440,19 +439,22 @@ class ContinuousCheckpointer:
                 continue
             step = int(m.group(1))
             steps.add(step)
-            info = self._infos.get(step) or self._read_info(step)
-            if info is UNREADABLE:
-                continue  # neither a checkpoint nor a leftover this time: never deleted for it
+            try:
+                info = self._infos.get(step) or self._read_info(step)
+            except OSError as exc:  # EIO: on another node, the marker of a step rank 0's retention is
+                # deleting, inside the gateway's propagation window. Neither a checkpoint nor a
+                # leftover this time, so never deleted for it.
+                log.info("step %d: commit marker not readable now (%s); skipped in this scan", step, exc)
+                continue
             (committed.append(info) if info else partial.append(step))
         for gone in self._infos.keys() - steps:
             self._infos.pop(gone, None)
         committed.sort(key=lambda i: i.step)
         return committed, sorted(partial)
 
-    def _read_info(self, step: int):
-        """The step's CheckpointInfo; None without a commit marker (or an invalid one); UNREADABLE
-        when reading it failed otherwise (EIO: on another node, the marker of a step being deleted
-        by rank 0's retention, inside the gateway's propagation window)."""
+    def _read_info(self, step: int) -> CheckpointInfo | None:
+        """The step's CheckpointInfo; None without a commit marker (or an invalid one). Other read
+        errors (OSError) propagate to the scan."""
         try:
             marker = read_commit(self.step_dir(step))
         except FileNotFoundError:
@@ -460,9 +462,6 @@ class ContinuousCheckpointer:
         except ValueError as exc:
             log.warning("step %d: unreadable commit marker: %s", step, exc)
             return None
-        except OSError as exc:
-            log.info("step %d: commit marker not readable now (%s); skipped in this scan", step, exc)
-            return UNREADABLE
         info = CheckpointInfo(step, float(marker.get("time", 0.0)), marker.get("metrics") or {})
         self._infos[step] = info
         return info
