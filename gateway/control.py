@@ -133,6 +133,7 @@ class Control:
             "scheduler_passes_total": counters.scheduler_passes,
             "drain_yielded_seconds_total": round(self.drain.publisher.foreground.yielded_s, 3),
             "part_buffers_allocated_total": self.drain.publisher.buffers.allocated,
+            "part_buffer_collections_total": self.drain.publisher.buffers.collections,
             "scheduler_pass_seconds_total": round(counters.scheduler_pass_s, 3),
             "deleted_objects_total": counters.deleted_objects,
             "retries_total": counters.retries,

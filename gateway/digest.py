@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gc
 import hashlib
 import os
 import zlib
@@ -85,30 +86,64 @@ class PartBuffers:
 
     A buffer goes back to the pool only if nothing still refers to it (no memoryview of it is
     alive: a bytearray with exports cannot be resized), and at most `keep` idle ones are kept.
+    A failed request leaves views of its buffer in its traceback, which is a reference cycle that
+    lives until the garbage collector runs; such a buffer is *held*, not dropped. A lease takes a
+    held buffer once it is free again, and when `keep` buffers are already out it collects garbage
+    once before allocating: without that, every failed part cost a fresh 16 MiB buffer while the
+    old one waited for the collector (peak RSS 320 MiB for `keep` = 8, 27 buffers allocated).
     """
 
     def __init__(self, size: int, keep: int):
         self.size = size
         self.keep = keep
         self._idle: list[bytearray] = []
+        self._held: list[bytearray] = []  # returned while still referenced
+        self._leased = 0
         self.allocated = 0
+        self.collections = 0
 
     @contextlib.contextmanager
     def lease(self, length: int) -> Iterator[memoryview]:
         if length > self.size:
             raise ValueError(f"part of {length} bytes is larger than the buffers ({self.size})")
-        buf = self._idle.pop() if self._idle else self._new()
+        buf = self._take()
+        self._leased += 1
         view = memoryview(buf)[:length]
         try:
             yield view
         finally:
             view.release()
-            if len(self._idle) < self.keep and _unreferenced(buf):
-                self._idle.append(buf)
+            self._leased -= 1
+            self._give_back(buf)
 
     def clear(self) -> None:
-        """Drop the idle buffers (leased ones are dropped when they come back, if nothing is kept)."""
+        """Drop the idle buffers, and the held ones that are free again."""
         self._idle.clear()
+        self._held = [buf for buf in self._held if not _unreferenced(buf)]
+
+    def _take(self) -> bytearray:
+        if not self._idle:
+            self._reclaim_held()
+        if not self._idle and self._held and self._leased + len(self._held) >= self.keep:
+            self.collections += 1
+            gc.collect()
+            self._reclaim_held()
+        return self._idle.pop() if self._idle else self._new()
+
+    def _give_back(self, buf: bytearray) -> None:
+        if not _unreferenced(buf):
+            self._held.append(buf)
+        elif len(self._idle) < self.keep:
+            self._idle.append(buf)
+
+    def _reclaim_held(self) -> None:
+        still_held = []
+        for buf in self._held:
+            if not _unreferenced(buf):
+                still_held.append(buf)
+            elif len(self._idle) < self.keep:
+                self._idle.append(buf)
+        self._held = still_held
 
     def _new(self) -> bytearray:
         self.allocated += 1

@@ -147,6 +147,13 @@ class Store:
             max_pool_connections=max_connections,
             connect_timeout=connect_timeout_s,
             read_timeout=read_timeout_s,
+            # aiobotocore's httpx session gives up on a send that waits 5 s for the socket, or on
+            # a request that waits 5 s for a pooled connection, and reports either as a connect
+            # timeout. A server busy for 5 s (moto completing a 1 GiB upload holds its GIL 5-25 s)
+            # then failed every part in flight, after most of its bytes were sent; waiting is
+            # bounded by the read timeout instead, and the drain's limiters keep the pool large
+            # enough for every request it starts.
+            connector_args={"write_timeout": read_timeout_s, "pool_timeout": read_timeout_s},
             retries={"total_max_attempts": 1},  # one retry layer: the drain's
             request_checksum_calculation="when_required",
         )

@@ -617,3 +617,24 @@ def test_a_permanently_failing_part_does_not_end_the_daemon(proxy, make_mount):
     proxy.clear_faults()
     m.wait(timeout=90)
     assert m.s3.boto3_client().get_object(Bucket=m.bucket, Key="run/big")["Body"].read() == data
+
+
+def is_upload_part(method, path, query) -> bool:
+    return method == "PUT" and "partNumber" in query
+
+
+@pytest.mark.timeout(120)
+def test_a_server_that_stops_reading_a_part_for_seconds_does_not_fail_it(proxy, make_mount):
+    """A busy server may not read a request body for several seconds (moto completing a 1 GiB
+    upload holds its GIL for 5-25 s). The part's send waits up to the read timeout: it is neither
+    failed after 5 s, with most of its bytes already sent, nor retried."""
+    m = make_mount(endpoint_url=proxy.endpoint_url,
+                   options=("--drain-delay", "0", "--part-size", "8MiB", "--upload-concurrency", "2"))
+    hit = proxy.target(is_upload_part, lambda: stall(7), count=1)
+    data = os.urandom(16 * MiB)  # a part does not fit in the socket buffers: its send blocks
+    write_file(m.path / "big", data)
+    m.wait(timeout=90)
+    status = m.status()
+    assert hit["hits"] == 1 and proxy.stats["stalls"] == 1
+    assert status["retries_total"] == 0, status.get("last_error")
+    assert_bucket_matches_mount(m)

@@ -73,3 +73,29 @@ def test_body_streams_slices_of_its_data_and_rewinds():
     body.seek(0)
     assert body.read() == data and body.getvalue() == data
     assert isinstance(body, io.BytesIO) and bool(Body(b""))
+
+
+def test_a_buffer_a_failed_request_still_refers_to_is_reused_after_collection():
+    """A traceback keeps a view of the part's buffer in a reference cycle until the collector
+    runs; the pool must reuse that buffer rather than allocate one more per failed part."""
+    import gc
+
+    buffers = digest.PartBuffers(1 << 20, keep=2)
+
+    class Cycle:
+        pass
+
+    was_enabled = gc.isenabled()
+    gc.disable()  # the cycle must survive until the pool itself collects
+    try:
+        for _ in range(6):
+            with buffers.lease(1 << 20) as view:
+                cycle = Cycle()
+                cycle.me = cycle
+                cycle.view = view[:4]  # what a failed request's frames keep
+            del cycle
+    finally:
+        if was_enabled:
+            gc.enable()
+    assert buffers.allocated <= 2
+    assert buffers.collections >= 1
