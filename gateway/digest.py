@@ -50,11 +50,12 @@ def crc32_b64(data: bytes | bytearray | memoryview) -> str:
     return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
 
 
-def read_range_sums(path: str, offset: int, length: int) -> tuple[bytes, str, str]:
-    """`read_range` plus its CRC32 (x-amz-checksum-crc32) and SHA-256 (the SigV4 payload hash), all
-    off the event loop: botocore would compute both on the loop, ~70 ms per 16 MiB part."""
+def read_range_sums(path: str, offset: int, length: int, sha256: bool = True) -> tuple[bytes, str, str | None]:
+    """`read_range` plus its CRC32 (x-amz-checksum-crc32) and, if `sha256`, its SHA-256 (the SigV4
+    payload hash, needed only over plain http), all off the event loop: botocore would compute
+    both on the loop, ~70 ms per 16 MiB part."""
     data = read_range(path, offset, length)
-    return data, crc32_b64(data), hashlib.sha256(data).hexdigest()
+    return data, crc32_b64(data), hashlib.sha256(data).hexdigest() if sha256 else None
 
 
 def read_into(path: str, offset: int, buf: memoryview) -> None:
@@ -71,10 +72,10 @@ def read_into(path: str, offset: int, buf: memoryview) -> None:
         os.close(fd)
 
 
-def read_into_sums(path: str, offset: int, buf: memoryview) -> tuple[str, str]:
-    """`read_into`, then the CRC32 and SHA-256 of `buf`: one pass over reused memory, in a thread."""
+def read_into_sums(path: str, offset: int, buf: memoryview, sha256: bool = True) -> tuple[str, str | None]:
+    """`read_into`, then the CRC32 and (if `sha256`) the SHA-256 of `buf`, in a thread."""
     read_into(path, offset, buf)
-    return crc32_b64(buf), hashlib.sha256(buf).hexdigest()
+    return crc32_b64(buf), hashlib.sha256(buf).hexdigest() if sha256 else None
 
 
 class PartBuffers:

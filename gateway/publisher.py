@@ -151,7 +151,8 @@ class Publisher:
                                priority: PriorityFn, check: Callable[[], None]) -> str:
         async def part(upload_id: str, number: int, start: int, end: int) -> dict:
             with self.buffers.lease(end - start) as view:
-                crc, sha = await trio.to_thread.run_sync(digests.read_into_sums, path, start, view)
+                crc, sha = await trio.to_thread.run_sync(digests.read_into_sums, path, start, view,
+                                                          self.store.signs_payload)
                 check()
                 result = await self.store.upload_part(key, upload_id, number, view, crc, sha)
             self._on_bytes(end - start)

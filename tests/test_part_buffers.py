@@ -99,3 +99,25 @@ def test_a_buffer_a_failed_request_still_refers_to_is_reused_after_collection():
             gc.enable()
     assert buffers.allocated <= 2
     assert buffers.collections >= 1
+
+
+def test_payloads_are_hashed_for_the_signature_only_over_plain_http():
+    """Over http SigV4 covers the body's SHA-256, taken from the Body (computed in a thread);
+    over https the body goes UNSIGNED-PAYLOAD and no SHA-256 is computed at all."""
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    from gateway.store import Store, _PrecomputedPayloadS3Auth
+
+    assert Store("b", endpoint_url="http://127.0.0.1:9000").signs_payload
+    assert not Store("b", endpoint_url="https://s3.example.com").signs_payload
+    assert not Store("b").signs_payload  # AWS's own endpoints: https
+    auth = _PrecomputedPayloadS3Auth(Credentials("AKID", "SECRET"), "s3", "us-east-1")
+    data = b"x" * 1000
+    plain = AWSRequest("PUT", "http://127.0.0.1:9000/b/k", data=Body(data, "precomputed"))
+    assert auth.payload(plain) == "precomputed"
+    tls = AWSRequest("PUT", "https://s3.example.com/b/k", data=Body(data))
+    assert auth.payload(tls) == "UNSIGNED-PAYLOAD"
+    path = "/dev/null"
+    assert digest.read_range_sums(path, 0, 0, sha256=False)[2] is None
+    assert digest.read_into_sums(path, 0, memoryview(bytearray(0)), sha256=False)[1] is None
