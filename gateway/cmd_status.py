@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 
 from gateway.errors import CliError
-from gateway.namespace import is_local_only
+from gateway.file_state import is_local_only
 
 STATUS_XATTR = "user.ckptfs.status"
 STATE_XATTR = "user.ckptfs.state"
+DURABLE_AFTER_XATTR = "user.ckptfs.durable_after."  # gateway/control.py answers it
+WAIT_STEP_MS = 1000
 DONE_STATES = ("durable", "local")  # local: FIFOs, sockets, devices are never uploaded
 
 
@@ -154,25 +156,65 @@ def wait_command(args: argparse.Namespace) -> int:
 
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     start = read_status(args.mountpoint)
-    target_gen = start["generation"]
     with DrainProgress("wait", quiet=args.quiet) as bar:
-        while True:
-            if args.paths:
-                pending = [p for p in args.paths if path_state(_in_mount(args.mountpoint, p)) not in DONE_STATES]
-                if bar.enabled:
-                    bar.update(read_status(args.mountpoint), len(pending), "path")
-            else:
-                status = read_status(args.mountpoint)
-                bar.update(status)
-                pending = [] if status["durable_through_generation"] >= target_gen else [
-                    f"{status['pending_files']} files ({human_bytes(status['dirty_bytes'])}) not yet durable"
-                    + (f"; last error: {status['last_error']}" if status.get("last_error") else "")]
-            if not pending:
-                bar.finish()
-                return 0
-            if deadline is not None and time.monotonic() >= deadline:
-                raise CliError("timed out; still pending: " + ", ".join(pending[:20]), code=1)
+        if args.paths:
+            _wait_paths(args, bar, deadline)
+        else:
+            _wait_generation(args.mountpoint, start["generation"], bar, deadline)
+        bar.finish()
+    return 0
+
+
+def _wait_generation(mountpoint: str, target: int, bar, deadline: float | None) -> None:
+    """Until every change up to namespace generation `target` is in the bucket: blocks in the
+    daemon (DURABLE_AFTER_XATTR) a second at a time; polls a daemon that predates it."""
+    while True:
+        durable = durable_after(mountpoint, target, _step_ms(deadline))
+        if durable is None:
             time.sleep(0.1)
+        timed_out = deadline is not None and time.monotonic() >= deadline
+        status = None
+        if bar.enabled or durable is None or (durable < target and timed_out):
+            status = read_status(mountpoint)
+            bar.update(status)
+            durable = status["durable_through_generation"]
+        if durable >= target:
+            return
+        if timed_out:
+            assert status is not None
+            raise CliError(f"timed out; still pending: {status['pending_files']} files "
+                           f"({human_bytes(status['dirty_bytes'])}) not yet durable"
+                           + (f"; last error: {status['last_error']}" if status.get("last_error") else ""), code=1)
+
+
+def _step_ms(deadline: float | None) -> int:
+    """How long one blocking wait may last: a second, or what is left before the deadline."""
+    if deadline is None:
+        return WAIT_STEP_MS
+    return max(0, min(WAIT_STEP_MS, int((deadline - time.monotonic()) * 1000)))
+
+
+def durable_after(mountpoint: str, gen: int, wait_ms: int) -> int | None:
+    """The generation durable once `gen` is, or after `wait_ms`; None from an older daemon."""
+    try:
+        return int(os.getxattr(mountpoint, f"{DURABLE_AFTER_XATTR}{gen}.{wait_ms}"))
+    except OSError as exc:
+        if exc.errno == errno.ENODATA:
+            return None
+        read_status(mountpoint)  # the CliError that says what is wrong with the mount
+        raise CliError(f"{mountpoint}: {exc.strerror}", code=2) from None
+
+
+def _wait_paths(args: argparse.Namespace, bar, deadline: float | None) -> None:
+    while True:
+        pending = [p for p in args.paths if path_state(_in_mount(args.mountpoint, p)) not in DONE_STATES]
+        if bar.enabled:
+            bar.update(read_status(args.mountpoint), len(pending), "path")
+        if not pending:
+            return
+        if deadline is not None and time.monotonic() >= deadline:
+            raise CliError("timed out; still pending: " + ", ".join(pending[:20]), code=1)
+        time.sleep(0.1)
 
 
 def _in_mount(mountpoint: str, path: str) -> str:

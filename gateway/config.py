@@ -18,6 +18,7 @@ from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
 
+from gateway.errors import ConfigError  # defined there, so that the CLI need not import this module
 from gateway.scopes import DEFAULT_HOLD_PATTERNS, DEFAULT_MARKER_PATTERNS, DEFAULT_POINTER_PATTERNS
 
 DEFAULT_CONFIG_PATH = Path("/etc/ckptfs/ckptfs.toml")
@@ -27,10 +28,6 @@ log = logging.getLogger(__name__)
 # Temporary names are held back from the bucket until renamed (docs/SEMANTICS.md, "Temporary names");
 # markers and pointers order publication (docs/SEMANTICS.md, "Commit scopes").
 LIST_OPTIONS = ("hold_patterns", "marker_patterns", "pointer_patterns")
-
-
-class ConfigError(Exception):
-    """A configuration value is missing or malformed; the message names the key."""
 
 
 @dataclasses.dataclass(frozen=True)

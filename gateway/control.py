@@ -6,6 +6,7 @@ Read-only virtual attributes (never stored, never credentials):
   user.ckptfs.key     the object key the file is (or will be) stored under
   user.ckptfs.digest  xxh3-128 of the content last published
   user.ckptfs.status  (any inode, usually the mount root) the daemon status as one JSON object
+  user.ckptfs.durable_after.G.MS  blocks until generation G is durable (or MS ms): see below
 
 While the daemon drains after the unmount, the mount (and so its xattrs) is gone; it then writes
 the same status object to DRAIN_STATUS_FILE in the cache dir, which `ckptfs unmount` shows.
@@ -32,6 +33,11 @@ if TYPE_CHECKING:  # annotations only: gateway.daemon imports this module
     from gateway.space import SpaceGuard
 
 DRAIN_STATUS_FILE = "drain-status.json"
+# getxattr(mount, "user.ckptfs.durable_after.G.MS") answers once every change up to namespace
+# generation G is in the bucket, or after MS milliseconds (at most WAIT_MAX_MS), with the
+# generation durable then: `ckptfs wait` blocks on it instead of polling the status.
+DURABLE_AFTER_XATTR = b"user.ckptfs.durable_after."
+WAIT_MAX_MS = 1000
 
 
 class Control:
@@ -51,6 +57,15 @@ class Control:
     async def commit_durable(self) -> None:
         """Make every journal commit so far survive power loss (fsync, fsyncdir)."""
         await trio.to_thread.run_sync(self.journal.sync_wal)
+
+    async def durable_after(self, name: bytes) -> bytes:
+        """The answer to DURABLE_AFTER_XATTR; ENODATA for a malformed name."""
+        try:
+            gen, wait_ms = (int(part) for part in name[len(DURABLE_AFTER_XATTR):].split(b"."))
+        except ValueError:
+            raise FsError(errno.ENODATA) from None
+        wait_s = min(max(wait_ms, 0), WAIT_MAX_MS) / 1000
+        return str(await self.drain.wait_durable(gen, wait_s)).encode()
 
     def get_xattr(self, ino: int, name: bytes) -> bytes:
         if name == b"user.ckptfs.state":

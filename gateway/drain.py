@@ -49,6 +49,7 @@ PASS_SHARE = 0.2          # a pass may take at most this share of the loop's tim
 TICK_S = 0.5              # the longest wait between passes (retries, anything time-based not tracked)
 STARTUP_CLEANUP_S = 30.0
 VIEW_MAX_AGE_S = 0.1
+WAIT_RECHECK_S = 0.05  # a durability waiter rereads the pending rows at most this often
 OLD_SCOPE_GRACE_S = 3.0   # an older checkpoint retention keeps this long is uploaded, too
 LAST: scheduler.Priority = (3, 0, 0)
 KEEP_XATTR = b"user.ckptfs.keep"
@@ -127,6 +128,8 @@ class Drain:
         self._sleep = trio.CancelScope()  # the wait between passes; a namespace change may shorten it
         self._due_wall = math.inf         # wall time the earliest pending row becomes startable
         self._changed_due = math.inf      # trio time a change made after this pass read its rows is due
+        self._progress = trio.Event()     # set, and replaced, when durability may have advanced
+        self._durable_waiters = 0
         self._stopping = False
         self._synced_changes = -1
         self._lineages: dict[tuple[int, int], tuple[str, tuple[int, ...], bool] | None] = {}
@@ -153,6 +156,28 @@ class Drain:
         self._changed_due = min(self._changed_due, due)
         if due < self._sleep.deadline:
             self._sleep.deadline = due
+        if self._durable_waiters:
+            self._note_progress()  # an unlink or a rename may leave nothing pending
+
+    def _note_progress(self) -> None:
+        self._progress.set()
+        self._progress = trio.Event()
+
+    async def wait_durable(self, gen: int, timeout_s: float) -> int:
+        """Wait until every change up to namespace generation `gen` is in the bucket, or for
+        `timeout_s`; return the generation durable then. A waiter rereads the pending rows when a
+        job, a delete or a namespace change ends, at most every WAIT_RECHECK_S."""
+        view = self.refresh_view()
+        self._durable_waiters += 1
+        try:
+            with trio.move_on_after(timeout_s):
+                while view.durable_through_gen < gen:
+                    await self._progress.wait()
+                    await trio.sleep(max(0.0, self._view_at + WAIT_RECHECK_S - time.monotonic()))
+                    view = self.refresh_view()
+        finally:
+            self._durable_waiters -= 1
+        return view.durable_through_gen
 
     def stop(self) -> None:
         self._stopping = True
@@ -503,6 +528,7 @@ class Drain:
                 self.ns.upload_ended(ino)
             except JournalError:
                 pass  # failsafe (logged once); the next start queues it again
+            self._note_progress()
 
     def _recheck(self, ino: int, key: str) -> Attr:
         fresh = self.ns.getattr(ino)
@@ -716,4 +742,5 @@ class Drain:
             self._record_failure(key, f"delete {key}: internal error: {exc!r}")
         finally:
             self.busy_keys.discard(key)
+            self._note_progress()
             self.wake()

@@ -41,3 +41,7 @@ class NoSuchKey(StoreError):
 
 class JournalError(Exception):
     """The journal cannot be written (disk full, I/O error): the mount is failsafe (read-only)."""
+
+
+class ConfigError(Exception):
+    """A configuration value is missing or malformed; the message names the key."""

@@ -26,6 +26,7 @@ file has at most one job (UPLOADING -> UPLOADING).
 from __future__ import annotations
 
 import enum
+import stat
 
 
 class FileState(enum.StrEnum):
@@ -60,3 +61,11 @@ class IllegalTransition(RuntimeError):
 def check(ino: int, old: FileState, new: FileState) -> None:
     if new not in LEGAL[old]:
         raise IllegalTransition(f"inode {ino}: {old} -> {new} is not a legal file state transition")
+
+
+LOCAL_ONLY_TYPES = (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK)
+
+
+def is_local_only(mode: int) -> bool:
+    """FIFOs, sockets and device nodes: kept in the namespace, never published."""
+    return stat.S_IFMT(mode) in LOCAL_ONLY_TYPES

@@ -21,9 +21,11 @@ import trio
 
 from gateway import content
 from gateway.cache import THREADED_WRITE_BYTES, CacheFiles, is_disk_full
+from gateway.control import DURABLE_AFTER_XATTR
 from gateway.errors import FsError, JournalError
 from gateway.foreground import Foreground
-from gateway.namespace import Attr, Namespace, is_local_only
+from gateway.file_state import is_local_only
+from gateway.namespace import Attr, Namespace
 
 log = logging.getLogger(__name__)
 
@@ -374,6 +376,8 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def getxattr(self, inode, name, ctx):
+        if name.startswith(DURABLE_AFTER_XATTR):
+            return await self.control.durable_after(name)
         if name.startswith(CONTROL_XATTR_PREFIX) and name != KEEP_XATTR:
             return self.control.get_xattr(inode, name)
         if not name.startswith(XATTR_PREFIX):

@@ -18,7 +18,9 @@ from collections.abc import Callable
 import xxhash
 
 from gateway.errors import FsError
-from gateway.file_state import DIRTY, DURABLE, PENDING_SQL, QUEUED, UPLOADING, FileState, check
+from gateway.file_state import (
+    DIRTY, DURABLE, LOCAL_ONLY_TYPES, PENDING_SQL, QUEUED, UPLOADING, FileState, check, is_local_only,
+)
 from gateway.journal import Journal
 
 log = logging.getLogger(__name__)
@@ -29,7 +31,6 @@ SUBTREE_CTE = ("WITH RECURSIVE sub(i) AS (SELECT inode FROM dentries WHERE paren
                "UNION ALL SELECT d.inode FROM dentries d JOIN sub ON d.parent = sub.i) ")
 NAME_MAX = 255
 # File types that live only in this mount: never uploaded, always durable (docs/SEMANTICS.md).
-LOCAL_ONLY_TYPES = (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK)
 LOCAL_ONLY_SQL = f"(mode & 61440) IN ({', '.join(str(t) for t in LOCAL_ONLY_TYPES)})"
 INODE_COLUMNS = (
     "id, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, target, nlink, "
@@ -98,11 +99,6 @@ class OpenState:
 
 def now_ns() -> int:
     return time.time_ns()
-
-
-def is_local_only(mode: int) -> bool:
-    """FIFOs, sockets and device nodes: kept in the namespace, never published."""
-    return stat.S_IFMT(mode) in LOCAL_ONLY_TYPES
 
 
 def check_name(name: bytes) -> None:

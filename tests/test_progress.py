@@ -6,6 +6,7 @@ real CLI runs on a pseudo-terminal (python's pty) or on pipes.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -99,3 +100,26 @@ def test_eta_and_summary_text():
     assert progress.eta(3600 * 5 + 61, 1) == "5:01:01"
     assert progress.summary(2, 3 * MiB, MiB) == "2 files, 3.0 MiB left, 1.0 MiB/s, ETA 0:00:03"
     assert progress.summary(1, 0, 0, "path") == "1 path, 0 B left, 0 B/s, ETA 0:00:00"
+
+
+def test_durable_after_attribute_blocks_until_the_generation_is_in_the_bucket(slow_mount):
+    """`ckptfs wait` blocks in the daemon instead of polling: getxattr of
+    user.ckptfs.durable_after.G.MS answers once generation G is durable, or after MS ms with the
+    generation durable then; a malformed name is ENODATA."""
+    (slow_mount.path / "e.bin").write_bytes(os.urandom(2 * MiB))  # ~2 s through the throttle
+    target = slow_mount.status()["generation"]
+    name = f"user.ckptfs.durable_after.{target}"
+    assert int(os.getxattr(slow_mount.path, f"{name}.0")) < target  # answered at once: not yet
+    assert int(os.getxattr(slow_mount.path, f"{name}.200")) < target  # after 0.2 s: still not
+    durable = target - 1
+    for _ in range(30):  # each call blocks up to 1 s in the daemon
+        durable = int(os.getxattr(slow_mount.path, f"{name}.1000"))
+        if durable >= target:
+            break
+    assert durable >= target
+    assert slow_mount.state("e.bin") == "durable"
+    assert slow_mount.status()["durable_through_generation"] >= target
+    for bad in (name, f"{name}.x", "user.ckptfs.durable_after."):
+        with pytest.raises(OSError) as err:
+            os.getxattr(slow_mount.path, bad)
+        assert err.value.errno == errno.ENODATA
