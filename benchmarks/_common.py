@@ -119,8 +119,9 @@ def moto() -> Iterator[S3Server]:
     server = S3Server()
     # moto keeps object bodies in spooled temp files under its TMPDIR: put them on the bench disk.
     shutil.rmtree(server.workdir, ignore_errors=True)
-    BENCH_ROOT.mkdir(parents=True, exist_ok=True)
-    server.workdir = Path(tempfile.mkdtemp(prefix="moto-", dir=BENCH_ROOT))
+    root = Path(os.environ.get("CKPTFS_BENCH_MOTO_DIR", BENCH_ROOT))
+    root.mkdir(parents=True, exist_ok=True)
+    server.workdir = Path(tempfile.mkdtemp(prefix="moto-", dir=root))
     server.log_path = server.workdir / "moto.log"
     try:
         server.start()
