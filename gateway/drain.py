@@ -49,7 +49,7 @@ PASS_SHARE = 0.2          # a pass may take at most this share of the loop's tim
 TICK_S = 0.5              # the longest wait between passes (retries, anything time-based not tracked)
 STARTUP_CLEANUP_S = 30.0
 VIEW_MAX_AGE_S = 0.1
-WAIT_RECHECK_S = 0.05  # a durability waiter rereads the pending rows at most this often
+WAIT_RECHECK_S = 0.1  # a durability waiter rereads the pending rows at most this often while jobs run
 OLD_SCOPE_GRACE_S = 3.0   # an older checkpoint retention keeps this long is uploaded, too
 LAST: scheduler.Priority = (3, 0, 0)
 KEEP_XATTR = b"user.ckptfs.keep"
@@ -166,14 +166,16 @@ class Drain:
     async def wait_durable(self, gen: int, timeout_s: float) -> int:
         """Wait until every change up to namespace generation `gen` is in the bucket, or for
         `timeout_s`; return the generation durable then. A waiter rereads the pending rows when a
-        job, a delete or a namespace change ends, at most every WAIT_RECHECK_S."""
+        job, a delete or a namespace change ends: at once when no job is left running (the end of
+        a drain), otherwise at most every WAIT_RECHECK_S (each reread scans every pending row)."""
         view = self.refresh_view()
         self._durable_waiters += 1
         try:
             with trio.move_on_after(timeout_s):
                 while view.durable_through_gen < gen:
                     await self._progress.wait()
-                    await trio.sleep(max(0.0, self._view_at + WAIT_RECHECK_S - time.monotonic()))
+                    if self.jobs:
+                        await trio.sleep(max(0.0, self._view_at + WAIT_RECHECK_S - time.monotonic()))
                     view = self.refresh_view()
         finally:
             self._durable_waiters -= 1
