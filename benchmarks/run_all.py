@@ -121,7 +121,8 @@ def rows_for(label: str, r: dict) -> list[list[str]]:
                  "≤ 1.10", f"**{r['ratio_vs_boto3_default']:.2f}** (ckptfs {m['ckptfs']:.2f} s = "
                  f"{_mib_s(size, m['ckptfs'])}; boto3 {m['boto3-default']:.2f} s = {_mib_s(size, m['boto3-default'])})"],
                 [f"same ÷ boto3 with matched parts ({r['part_size_bytes'] >> 20} MiB × {r['concurrency']}){tag}",
-                 "≤ 1.10", f"**{r['ratio_vs_boto3_matched']:.2f}** (boto3 {m['boto3-matched']:.2f} s)"]]
+                 "≤ 1.10", f"**{r['ratio_vs_boto3_matched']:.2f}** (boto3 {m['boto3-matched']:.2f} s)"
+                 + _drain_split(r.get("median_split_s"))]]
     if b == "bench_drain_sweep":
         m = r["median_s"]
         ref = m["boto3-default"]
@@ -156,11 +157,23 @@ def rows_for(label: str, r: dict) -> list[list[str]]:
             boto3 = "boto3 multipart" if big else "boto3 (10 threads)"
             rate = (f"{r['bytes'] / m[f'ckptfs/{path}'] / 2**20:.0f} MiB/s" if big
                     else f"{fps[f'ckptfs/{path}']:.0f} files/s")
+            cpu = r.get("client_cpu_s", {})
+            cpu = (f"; uploading side's CPU {cpu[f'ckptfs/{path}']:.2f} vs {cpu[f'boto3/{path}']:.2f} s"
+                   if f"boto3/{path}" in cpu else "")
             rows.append([f"{what} ({r['bytes'] >> 20} MiB), {via}: rename → `ckptfs wait` ÷ {boto3}{tag}",
                          "≤ 1.2", f"**{r[f'ratio_{path}']:.2f}** (ckptfs {m[f'ckptfs/{path}']:.2f} s = "
-                         f"{rate}; boto3 {m[f'boto3/{path}']:.2f} s){'' if big else per_rtt}"])
+                         f"{rate}; boto3 {m[f'boto3/{path}']:.2f} s){'' if big else per_rtt}{cpu}"])
         return rows
     return []
+
+
+def _drain_split(split: dict | None) -> str:
+    """'; parts / CompleteMultipartUpload: ...' from bench_drain's median_split_s, if recorded."""
+    if not split or not all(split.get(v, {}).get("complete_s") is not None for v in ("ckptfs", "boto3-matched")):
+        return ""
+    c, b = split["ckptfs"], split["boto3-matched"]
+    return (f"; parts {c['parts_s']:.1f} s + complete {c['complete_s']:.1f} s, boto3 "
+            f"{b['parts_s']:.1f} s + {b['complete_s']:.1f} s")
 
 
 def render_table() -> str:
