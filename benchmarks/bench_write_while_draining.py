@@ -17,6 +17,10 @@ Goal (issue 4): median(idle time) / median(busy time) = busy throughput / idle t
 With --reference, the same pair is also measured on a plain directory on the same disk, "busy"
 meaning a boto3 upload_file of a BG-SIZE file to the same moto endpoint running in another process:
 how much of the slowdown is the 2-core machine (moto + uploader + writer) rather than the gateway.
+
+With --drain-elsewhere, the pair is also measured with the drain in another process: "busy" writes
+through a second mount (drain delay 1 h) while the first drains BG-SIZE. An upper bound for a
+daemon whose drain runs in its own process with its own event loop.
 """
 
 from __future__ import annotations
@@ -94,11 +98,33 @@ def reference_pair(server, base, size: int, bg: int) -> dict:
     return out
 
 
+def elsewhere_pair(server, base, m: Mount, size: int, bg: int) -> dict:
+    """Idle and busy writes through a second mount, busy meaning that `m` (another daemon) drains."""
+    out = {}
+    with Mount(server, base, drain_delay_s=3600) as other:
+        for v in ("idle", "busy"):
+            if v == "busy":
+                write_plain_file(m.mnt / "bg", bg)
+                wait_flowing(m)
+            os.sync()
+            w = write_checkpoint(other.mnt, "y", size)
+            (other.mnt / "y").unlink()
+            out[v] = w["total"]
+            if v == "busy":
+                out["still_uploading"] = m.status()["uploading_files"] > 0
+                m.wait(timeout=600)
+                (m.mnt / "bg").unlink()
+                m.wait(timeout=600)
+    return out
+
+
 def main(argv=None) -> dict:
     ap = base_parser(__doc__)
     ap.add_argument("--bg-size", default="1GiB", help="size of the file being drained (default 1GiB)")
     ap.add_argument("--reference", action="store_true",
                     help="also measure a plain-dir write idle vs during a boto3 upload (machine contention)")
+    ap.add_argument("--drain-elsewhere", action="store_true",
+                    help="also measure the write through a second mount while the first one drains")
     args = ap.parse_args(argv)
     size, bg = parse_size(args.size), parse_size(args.bg_size)
     res: dict[str, list[dict]] = {"idle": [], "busy": []}
@@ -125,6 +151,12 @@ def main(argv=None) -> dict:
                     + (f", drain rate at end {r['drain_rate_bps'] / MiB:.0f} MiB/s, still uploading: "
                        f"{r['still_uploading']}" if v == "busy" else ""))
         m.wait(timeout=600)
+        elsewhere = []
+        if args.drain_elsewhere:
+            for rnd in range(args.repeat):
+                elsewhere.append(elsewhere_pair(server, base, m, size, bg))
+                log(f"drain elsewhere round {rnd + 1}: idle {elsewhere[-1]['idle']:.2f}s, while another daemon "
+                    f"drains {elsewhere[-1]['busy']:.2f}s (still uploading: {elsewhere[-1]['still_uploading']})")
         ref = []
         if args.reference:
             for rnd in range(args.repeat):
@@ -148,6 +180,10 @@ def main(argv=None) -> dict:
         extra = {"reference_plain_ratio": round(ref_ratio, 3),
                  "reference_trials_s": [{k: (round(x, 3) if isinstance(x, float) else x) for k, x in r.items()}
                                         for r in ref]}
+    if elsewhere:
+        other = median([r["idle"] for r in elsewhere]) / median([r["busy"] for r in elsewhere])
+        print(f"drain in another process: throughput busy / idle = {other:.3f}")
+        extra["drain_elsewhere_ratio"] = round(other, 3)
     return emit({**extra, "benchmark": "bench_write_while_draining", "module": "benchmarks.bench_write_while_draining",
                  "size_bytes": size, "bg_size_bytes": bg, "repeat": args.repeat, "median_s": med,
                  "throughput_ratio_busy_vs_idle": round(ratio, 3), "busy_fully_overlapped": overlapped,

@@ -135,7 +135,9 @@ def rows_for(label: str, r: dict) -> list[list[str]]:
                  "≥ 0.8", f"**{r['throughput_ratio_busy_vs_idle']:.2f}** (idle {_mib_s(size, m['idle'])}, "
                  f"busy {_mib_s(size, m['busy'])}; drain still running at the end: {r['busy_fully_overlapped']})"
                  + (f"; reference: a plain-dir write during a boto3 upload of the same size keeps "
-                    f"**{r['reference_plain_ratio']:.2f}**" if "reference_plain_ratio" in r else "")]]
+                    f"**{r['reference_plain_ratio']:.2f}**" if "reference_plain_ratio" in r else "")
+                 + (f"; through a second mount while another daemon drains: **{r['drain_elsewhere_ratio']:.2f}**"
+                    if "drain_elsewhere_ratio" in r else "")]]
     if b == "bench_rss":
         env = " ".join(f"{k}={v}" for k, v in (r.get("daemon_env") or {}).items())
         env = f", daemon env {env}" if env else ""
