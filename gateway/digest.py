@@ -138,13 +138,9 @@ class PartBuffers:
             self._idle.append(buf)
 
     def _reclaim_held(self) -> None:
-        still_held = []
-        for buf in self._held:
-            if not _unreferenced(buf):
-                still_held.append(buf)
-            elif len(self._idle) < self.keep:
-                self._idle.append(buf)
-        self._held = still_held
+        held, self._held = self._held, []
+        for buf in held:
+            self._give_back(buf)
 
     def _new(self) -> bytearray:
         self.allocated += 1

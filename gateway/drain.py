@@ -156,12 +156,13 @@ class Drain:
         self._changed_due = min(self._changed_due, due)
         if due < self._sleep.deadline:
             self._sleep.deadline = due
-        if self._durable_waiters:
-            self._note_progress()  # an unlink or a rename may leave nothing pending
+        self._note_progress()  # an unlink or a rename may leave nothing pending
 
     def _note_progress(self) -> None:
-        self._progress.set()
-        self._progress = trio.Event()
+        """Wake the durability waiters, if any (a namespace change calls this: nothing to do then)."""
+        if self._durable_waiters:
+            self._progress.set()
+            self._progress = trio.Event()
 
     async def wait_durable(self, gen: int, timeout_s: float) -> int:
         """Wait until every change up to namespace generation `gen` is in the bucket, or for

@@ -44,6 +44,10 @@ def _tagging(key: str) -> dict[str, str]:
     return {} if key.split("/", 1)[0] == PRIVATE_DIR else {"Tagging": UPLOAD_TAGGING}
 
 
+def _over_tls(url: str) -> bool:
+    return url.lower().startswith("https://")
+
+
 class _PrecomputedPayloadS3Auth(botocore.auth.S3SigV4Auth):
     """SigV4 for S3 that takes the payload SHA-256 from a `Body` that carries one, and signs no
     payload over https.
@@ -55,7 +59,7 @@ class _PrecomputedPayloadS3Auth(botocore.auth.S3SigV4Auth):
     def _should_sha256_sign_payload(self, request):
         # Over https our bodies go unsigned (TLS carries them, and data bodies carry a CRC32 the
         # server verifies); botocore would otherwise hash each part on the event loop.
-        if isinstance(request.body, Body) and request.url.lower().startswith("https://"):
+        if isinstance(request.body, Body) and _over_tls(request.url):
             return False
         return super()._should_sha256_sign_payload(request)
 
@@ -184,7 +188,7 @@ class Store:
         """Whether requests carry the payload's SHA-256 in their signature: only over plain http.
         Over https S3 takes UNSIGNED-PAYLOAD, and the CRC32 checksum the server verifies guards
         the bytes, so the drain does not spend 0.7 s of CPU per GiB hashing them a second time."""
-        return not (self.endpoint_url or "https://").lower().startswith("https://")
+        return not _over_tls(self.endpoint_url or "https://")  # no endpoint: AWS's, over https
 
     def full_key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
