@@ -7,6 +7,7 @@ import os
 import pytest
 import trio
 
+from gateway import spare_files
 from gateway.cache import CacheFiles
 from gateway.spare_files import SpareFiles
 
@@ -87,7 +88,11 @@ def test_create_empty_without_spares_makes_the_file_itself(tmp_path):
 
 
 @pytest.mark.trio
-async def test_a_failed_refill_is_logged_once_and_retried(tmp_path, caplog, autojump_clock):
+async def test_a_failed_refill_is_logged_once_and_retried(tmp_path, caplog, monkeypatch):
+    # A real clock, with a short retry: the refill runs in a worker thread, which trio's autojump
+    # clock counts as idle, so under load the poll below ran its virtual 10 s out while the thread
+    # was still making the batch.
+    monkeypatch.setattr(spare_files, "RETRY_AFTER_S", 0.05)
     spares = SpareFiles(tmp_path / "spare", target=4)
     (tmp_path / "spare" / "b1").write_bytes(b"")  # the first batch directory cannot be made
     async with trio.open_nursery() as nursery:
