@@ -6,6 +6,9 @@ Variants, interleaved in rotating order (one fresh mount per mount trial, unmoun
   plain        a plain directory on the same disk as the cache dir
   mount        ckptfs with --drain-delay 3600: the drain scheduler runs but uploads nothing
   mount+drain  ckptfs with the default drain delay: files are uploaded while later ones are created
+  floor        benchmarks/floor_fs.py: a pyfuse3 + trio passthrough with ckptfs's mount options and
+               kernel caching and nothing else (no journal, drain or digest), over a plain directory
+               on the same disk: what any filesystem on this FUSE stack can reach here
 Reports files/s of each and the ratio mount time / plain time (= plain rate / mount rate), plus the
 rate in each tenth of the run (it falls as files pile up pending when the cost is per pending file).
 A trial stops after --trial-budget seconds (default 120) and reports the rate over the files it
@@ -14,7 +17,10 @@ created, marked truncated (the full-run ratio is then at least the one shown).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
 import time
 
 from benchmarks._common import (
@@ -22,7 +28,7 @@ from benchmarks._common import (
     run_main, workdir, block,
 )
 
-VARIANTS = ("plain", "mount", "mount+drain")
+VARIANTS = ("plain", "mount", "mount+drain", "floor")
 
 
 def create_files(directory, count: int, size: int, budget_s: float = float("inf")) -> dict:
@@ -57,6 +63,8 @@ def one_trial(variant: str, server, base, count: int, size: int, n: int, budget:
         finally:
             import shutil
             shutil.rmtree(d, ignore_errors=True)
+    if variant == "floor":
+        return floor_trial(base, count, size, n, budget)
     delay = 3600 if variant == "mount" else None
     with Mount(server, base, drain_delay_s=delay) as m:
         d = m.mnt / "d"
@@ -68,6 +76,37 @@ def one_trial(variant: str, server, base, count: int, size: int, n: int, budget:
         st = m.status()
         r["uploaded_files_during"] = st["uploaded_files_total"]
     return r
+
+
+def floor_trial(base, count: int, size: int, n: int, budget: float) -> dict:
+    with floor_mount(base / f"floor-backing-{n}", base / f"floor-mnt-{n}") as pid:
+        cpu0, main0 = cpu_seconds(pid), main_thread_cpu_seconds(pid)
+        r = create_files(str(base / f"floor-mnt-{n}"), count, size, budget)
+        r["daemon_cpu"] = cpu_seconds(pid) - cpu0
+        r["fuse_thread_cpu"] = main_thread_cpu_seconds(pid) - main0
+    return r
+
+
+@contextlib.contextmanager
+def floor_mount(backing, mountpoint):
+    """Run benchmarks.floor_fs on `mountpoint` until the block ends; yield its pid."""
+    backing.mkdir()
+    mountpoint.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.floor_fs", str(backing), str(mountpoint)])
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(mountpoint):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"benchmarks.floor_fs did not mount {mountpoint} (exit {proc.poll()})")
+            time.sleep(0.05)
+        yield proc.pid
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def main(argv=None) -> dict:
@@ -91,8 +130,8 @@ def main(argv=None) -> dict:
                 log(f"round {rnd + 1} {v}: {r['files']} files in {r['s']:.2f}s ({r['rate']:.0f} files/s"
                     f"{', TRUNCATED' if r['truncated'] else ''}; per tenth: "
                     f"{' '.join(f'{x:.0f}' for x in r['chunk_rates'])})"
-                    + (f", daemon CPU {r['daemon_cpu']:.2f}s, uploaded {r['uploaded_files_during']}"
-                       if "daemon_cpu" in r else ""))
+                    + (f", daemon CPU {r['daemon_cpu']:.2f}s" if "daemon_cpu" in r else "")
+                    + (f", uploaded {r['uploaded_files_during']}" if "uploaded_files_during" in r else ""))
     rate = {v: median([r["rate"] for r in rs]) for v, rs in results.items()}
     truncated = {v: any(r["truncated"] for r in rs) for v, rs in results.items()}
     rows = [[v, " ".join(f"{r['rate']:.0f}" for r in rs), f"{rate[v]:.0f}" + (" (truncated)" if truncated[v] else ""),

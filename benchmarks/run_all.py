@@ -110,6 +110,11 @@ def rows_for(label: str, r: dict) -> list[list[str]]:
         if "mount+drain" in f:
             rows.append([f"same, default drain delay (uploads running){tag}", "report",
                          f"**{r['ratio_mount_drain_vs_plain']:.1f}×** ({f['mount+drain']:.0f} files/s)"])
+        if "floor" in f:
+            rows.append([f"same through a pyfuse3 passthrough with no journal (`benchmarks/floor_fs.py`: "
+                         f"this FUSE stack's floor){tag}", "report",
+                         f"**{r['ratio_floor_vs_plain']:.1f}×** ({f['floor']:.0f} files/s; "
+                         f"mount ÷ floor {f['floor'] / f['mount']:.2f}×)"])
         ch = r.get("chunk_rates_first_trial", {}).get("mount")
         if ch:
             rows.append([f"mount files/s per tenth of the {r['files']} files{tag}", "flat",

@@ -86,6 +86,9 @@ class CacheFiles:
             os.close(slot[0])
             del self._fds[ino]
 
+    def is_open(self, ino: int) -> bool:
+        return ino in self._fds
+
     def fd(self, ino: int) -> int:
         return self._fds[ino][0]
 

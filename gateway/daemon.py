@@ -32,6 +32,7 @@ from gateway.fs import Operations
 from gateway.journal import Journal
 from gateway.listing import BucketListing
 from gateway.namespace import Namespace
+from gateway.page_cache import drop_kernel_pages
 from gateway.reader import Reader
 from gateway.remote_ns import forget_kernel_entry
 from gateway.retry import retrying
@@ -155,6 +156,7 @@ async def _serve_locked(config: Config, journal: Journal, on_ready: Callable[[],
             ns.purge_listeners += [space.forget, reader.forget]
             ops = Operations(ns, cache, control, reader=reader, space=space)
             ops.foreground = drain.publisher.foreground
+            ops.drop_kernel_pages = drop_kernel_pages
             control.ops = ops
             control.reader = reader
             fetch_nursery.start_soon(supervised, "bucket listing", listing.run, errors)

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 
 import xxhash
 
+from gateway.page_cache import drop_uploaded_range
+
 READ_CHUNK = 8 * 1024 * 1024
 
 
@@ -34,10 +36,12 @@ def bytes_digest(data: bytes) -> str:
 
 
 def read_range(path: str, offset: int, length: int) -> bytes:
-    """Exactly `length` bytes at `offset` of `path` (EOFError if the file got shorter)."""
+    """Exactly `length` bytes at `offset` of `path` (EOFError if the file got shorter), read to
+    upload: a large range leaves the page cache (gateway/page_cache.py)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         data = os.pread(fd, length, offset)
+        drop_uploaded_range(fd, offset, len(data))
     finally:
         os.close(fd)
     if len(data) != length:
@@ -59,7 +63,8 @@ def read_range_sums(path: str, offset: int, length: int, sha256: bool = True) ->
 
 
 def read_into(path: str, offset: int, buf: memoryview) -> None:
-    """Fill `buf` with the bytes at `offset` of `path`, read straight into it (EOFError if shorter)."""
+    """Fill `buf` with the bytes at `offset` of `path`, read straight into it (EOFError if shorter),
+    to upload: the range then leaves the page cache (gateway/page_cache.py)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         got = 0
@@ -68,6 +73,7 @@ def read_into(path: str, offset: int, buf: memoryview) -> None:
             if n == 0:
                 raise EOFError(f"{path}: wanted {len(buf)} bytes at {offset}, got {got}")
             got += n
+        drop_uploaded_range(fd, offset, got)
     finally:
         os.close(fd)
 

@@ -14,7 +14,7 @@ import itertools
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import pyfuse3
 import trio
@@ -26,6 +26,7 @@ from gateway.errors import FsError, JournalError
 from gateway.foreground import Foreground
 from gateway.file_state import is_local_only
 from gateway.namespace import Attr, Namespace
+from gateway.page_cache import KEEP_CACHED_BELOW
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,8 @@ class Operations(pyfuse3.Operations):
         # (the one network wait a FUSE request may make: another node may have made the name).
         self.remote_lookup = None
         self.before_readdir = None  # several nodes: other nodes stage files in our temporary directories
+        # The daemon's gateway.page_cache.drop_kernel_pages; None where no kernel serves us (unit tests).
+        self.drop_kernel_pages: Callable[[int], Awaitable[None]] | None = None
         self._fh_counter = itertools.count(1)
         self.op_counts: dict[str, int] = {}
         self._write_locks: dict[int, trio.Lock] = {}  # inodes with a write in a worker thread
@@ -371,6 +374,19 @@ class Operations(pyfuse3.Operations):
             log.exception("release of inode %d failed", handle.ino)
         finally:
             self.cache.release(handle.ino)
+        if self.drop_kernel_pages is not None and self._holds_written_pages(handle):
+            await self.drop_kernel_pages(handle.ino)  # the data file holds them now: one copy, not two
+
+    def _holds_written_pages(self, handle: Handle) -> bool:
+        """After the last writer of a large file closes, the kernel's pages of it are a second copy."""
+        return (handle.writable and not self.cache.is_open(handle.ino)
+                and self._size_or_zero(handle.ino) >= KEEP_CACHED_BELOW)
+
+    def _size_or_zero(self, ino: int) -> int:
+        try:
+            return self.ns.getattr(ino).size
+        except FsError:
+            return 0  # removed at its last close
 
     # ---- extended attributes ------------------------------------------------------------
 

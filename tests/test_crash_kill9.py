@@ -1,6 +1,6 @@
 """kill -9 of the gateway at random moments: every acknowledged fsync survives, the bucket converges.
 
-CI runs 10 trials; `--slow` runs 100. (The 14 power-loss trials of test_power_loss.py also end in a
+CI runs 10 trials; `--slow` runs 100. (The 12 power-loss trials of test_power_loss.py also end in a
 kill -9 of the daemon, after the cache disk lost power.)
 """
 

@@ -8,7 +8,7 @@ cache survives a kill -9; this does not, so an fsync that did nothing fails here
 Per trial: a writer (tests/crash_writer.py: write, fsync, rename, fsyncdir, unlink) runs for a
 random moment, the disk is shut down, the daemon is killed, ckptfs and the loop device are
 unmounted, the loop device is mounted again (ext4 replays its journal) and ckptfs mounted again.
-`make test` runs 14 trials; `--slow` runs 200. Needs root (loop devices).
+`make test` runs 12 trials; `--slow` runs 200. Needs root (loop devices).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import pytest
 from tests.crash_writer import expected_state
 from tests.test_crash_kill9 import assert_bucket_equals_namespace, check_trial, start_writer
 
-TRIALS_CI = 14
+TRIALS_CI = 12
 TRIALS_SLOW = 200
 EXT4_IOC_SHUTDOWN = 0x8004587D  # _IOR('X', 125, __u32)
 EXT4_GOING_FLAGS_NOLOGFLUSH = 2
