@@ -29,9 +29,7 @@ class FloorOperations(pyfuse3.Operations):
 
     def __init__(self, backing: str):
         super().__init__()
-        self.backing = backing
         self.names: dict[int, str] = {pyfuse3.ROOT_INODE: backing}
-        self.fds: dict[int, int] = {}
 
     def _path(self, inode: int) -> str:
         return self.names[inode]
@@ -86,13 +84,10 @@ class FloorOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EEXIST) from None
         inode = os.fstat(fd).st_ino
         self.names[inode] = path
-        self.fds[fd] = fd
-        return pyfuse3.FileInfo(fh=fd), self._entry(path, inode)
+        return pyfuse3.FileInfo(fh=fd), self._entry(path, inode)  # the handle is the backing fd
 
     async def open(self, inode, flags, ctx):
-        fd = os.open(self._path(inode), os.O_RDWR)
-        self.fds[fd] = fd
-        return pyfuse3.FileInfo(fh=fd)
+        return pyfuse3.FileInfo(fh=os.open(self._path(inode), os.O_RDWR))
 
     async def read(self, fh, off, size):
         return os.pread(fh, size, off)
@@ -104,7 +99,7 @@ class FloorOperations(pyfuse3.Operations):
         pass
 
     async def release(self, fh):
-        os.close(self.fds.pop(fh))
+        os.close(fh)
 
     async def getxattr(self, inode, name, ctx):
         raise pyfuse3.FUSEError(errno.ENODATA)

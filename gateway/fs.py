@@ -379,14 +379,10 @@ class Operations(pyfuse3.Operations):
 
     def _holds_written_pages(self, handle: Handle) -> bool:
         """After the last writer of a large file closes, the kernel's pages of it are a second copy."""
-        return (handle.writable and not self.cache.is_open(handle.ino)
-                and self._size_or_zero(handle.ino) >= KEEP_CACHED_BELOW)
-
-    def _size_or_zero(self, ino: int) -> int:
-        try:
-            return self.ns.getattr(ino).size
-        except FsError:
-            return 0  # removed at its last close
+        if not handle.writable or self.cache.is_open(handle.ino):
+            return False
+        size = self.cache.size_of(handle.ino)  # a stat, not a journal query: every close passes here
+        return size is not None and size >= KEEP_CACHED_BELOW  # None: removed at its last close
 
     # ---- extended attributes ------------------------------------------------------------
 
