@@ -525,6 +525,9 @@ class Cluster:
         try:
             await self._retrying(commit, self._announce)
             while commit.state == "waiting":
+                if self._a_marker_is_gone(commit):  # the scope was removed (or its marker): no answer comes
+                    await self._give_up(commit)
+                    return
                 await self._retrying(commit, self._check_answers)
                 if commit.state == "waiting":
                     with trio.move_on_after(self._poll_interval(time.time() - commit.started_at)):
@@ -688,13 +691,21 @@ class Cluster:
             except NoSuchKey:
                 commit.waiting_info[member] = {"lost": True, "lease_age_s": None}
 
+    def _a_marker_is_gone(self, commit: HeldCommit) -> bool:
+        return any(self.ns.resolve(m) is None for m in commit.markers)
+
+    async def _give_up(self, commit: HeldCommit) -> None:
+        """A marker of the round is gone here: the round is abandoned (nothing blocks on it)."""
+        commit.state, commit.finished_at = "abandoned", time.time()
+        log.info("cluster: a marker of %s is gone; its commit is abandoned", commit.scope)
+        if not commit.alone:
+            await self._retrying(commit, self._abandon)
+
     async def _wait_markers_durable(self, commit: HeldCommit) -> None:
         while True:
             states = [self._marker_object(m) for m in commit.markers]
             if any(s == "gone" for s in states):
-                commit.state, commit.finished_at = "abandoned", time.time()
-                if not commit.alone:
-                    await self._retrying(commit, self._abandon)
+                await self._give_up(commit)
                 return
             if all(isinstance(s, dict) for s in states):
                 commit.marker_objects = states

@@ -213,6 +213,7 @@ def _cluster(config: Config, ns: Namespace, store: Store, journal: Journal, list
     cluster = Cluster(ns, store, journal, config, listing=listing)
     cluster.namespace = RemoteNamespace(ns, store, cluster.node)
     cluster.namespace.staging = cluster.staging
+    listing.being_removed = cluster.namespace.being_removed
     log.info("cluster mode: node %s", cluster.member)
     return cluster
 

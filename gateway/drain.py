@@ -729,17 +729,21 @@ class Drain:
             self._synced_changes = changes
 
     async def _delete_stale(self, key: str) -> None:
+        """Delete a stale object if it still holds what this gateway published there: an object
+        another writer (another node) put at the key since is left alone."""
         try:
             async with self.deletes:
-                await self.store.delete_object(key)
-            self.book.deleted(key)
+                await self.store.delete_object(key, if_match=self.book.etag_of(key))
             self.counters.deleted_objects += 1
-            self.failures.pop(key, None)
-            self.not_before.pop(key, None)
+            self._forget_stale(key)
         except NoSuchKey:
-            self.book.deleted(key)
+            self._forget_stale(key)
         except StoreError as exc:
-            self._record_failure(key, f"delete {key}: {exc}")
+            if exc.code == "PreconditionFailed":
+                log.info("drain: %s was rewritten since this gateway published it (another writer): left alone", key)
+                self._forget_stale(key)
+            else:
+                self._record_failure(key, f"delete {key}: {exc}")
         except Exception as exc:  # never end the drain
             log.exception("drain: unexpected error deleting %s", key)
             self._record_failure(key, f"delete {key}: internal error: {exc!r}")
@@ -747,3 +751,8 @@ class Drain:
             self.busy_keys.discard(key)
             self._note_progress()
             self.wake()
+
+    def _forget_stale(self, key: str) -> None:
+        self.book.deleted(key)
+        self.failures.pop(key, None)
+        self.not_before.pop(key, None)

@@ -48,6 +48,7 @@ class BucketListing:
         # dropped when another node deleted the object, replaced when it overwrote it.
         self.follow_bucket = follow_bucket
         self.on_stale_entry = on_stale_entry  # the kernel must forget a cached name
+        self.being_removed: Callable[[str], bool] = lambda key: False  # set in cluster mode (remote_ns)
         self.dropped = 0
         self.refreshed = 0
         self.warned: set[str] = set()
@@ -65,7 +66,7 @@ class BucketListing:
         async for item in self.store.list_objects(""):
             key = self.store.relative_key(item["Key"])
             listed[key] = item
-            if key in known:
+            if key in known or self.being_removed(key):
                 continue
             added += self._adopt(key, item)
         if reconcile:
@@ -79,8 +80,10 @@ class BucketListing:
         return added
 
     def adopt_key(self, key: str, item: dict) -> int:
-        """Add one key found in the bucket (by a lookup or a cluster commit) unless it is known."""
-        if self.ns.journal.one("SELECT 1 FROM objects WHERE key=? AND inode IS NOT NULL", (key,)):
+        """Add one key found in the bucket (by a lookup or a cluster commit) unless it is known: a
+        key this node holds stale is one it is deleting (a newer object there shows once that
+        delete has found it rewritten, gateway/drain.py)."""
+        if self.being_removed(key) or self.ns.journal.one("SELECT 1 FROM objects WHERE key=?", (key,)):
             return 0
         return self._adopt(key, item)
 

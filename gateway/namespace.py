@@ -391,11 +391,16 @@ class Namespace:
         when the kernel forgets the inode. `follow`: the name went on another node, whose change
         it is: the parent gets a new mtime but nothing to upload here (an emptied directory's
         marker is the deleting node's to publish; one published from here could land after that
-        node's sweep and bring the directory back)."""
+        node's sweep and bring the directory back). The object at the name is that node's to
+        delete too: its sweep removes what predates its record, and a delete from here could
+        remove what it wrote there since (gateway/remote_ns.py)."""
         t = now_ns()
         gen = self._next_gen()
+        attr = self.getattr(ino)
         with self.journal.transaction():
-            self._drop_name(parent, name, self.getattr(ino), t, gen)
+            if follow and (attr.is_dir or attr.nlink <= 1):  # a hard link's object may be its content's only copy
+                self._hand_over_object(parent, name, attr)
+            self._drop_name(parent, name, attr, t, gen)
             if follow:
                 self.journal.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=? WHERE id=?", (t, t, parent))
             else:
@@ -423,6 +428,13 @@ class Namespace:
         # source the drain copies to the other names before it orphans it.
         if only_copy or (parent, name) == self.names_of.get(attr.id, [None])[0]:
             self._mark_moved(attr.id, gen)  # the drain looks at the other names again
+
+    def _hand_over_object(self, parent: int, name: bytes, attr: Attr) -> None:
+        """Inside a transaction: forget the published object at this name without deleting it."""
+        path = self.path_of_name(parent, name)
+        if path is not None:
+            key = path + "/" if attr.is_dir else path
+            self.journal.execute("DELETE FROM objects WHERE key=? AND inode=?", (key, attr.id))
 
     def _published_elsewhere(self, ino: int, key: str | None) -> bool:
         """Whether an object other than `key` holds `ino`'s content."""

@@ -67,6 +67,11 @@ class ObjectBook:
         return self.journal.all("SELECT key, coalesce(stale_gen, 0) FROM objects WHERE inode IS NULL "
                                 "ORDER BY stale_gen LIMIT ?", (limit,))
 
+    def etag_of(self, key: str) -> str | None:
+        """The ETag this gateway published at `key`, if it knows one (an interrupted request's is unknown)."""
+        row = self.journal.one("SELECT etag FROM objects WHERE key=?", (key,))
+        return row[0] if row and row[0] else None
+
     def deleted(self, key: str) -> None:
         self.journal.execute("DELETE FROM objects WHERE key=? AND inode IS NULL", (key,))
 

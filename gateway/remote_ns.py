@@ -44,6 +44,7 @@ class RemoteNamespace:
         self.applied = 0
         self.applying = False
         self.unwritten = 0         # records queued or being written (a commit waits for its rename's)
+        self.removing: dict[str, int] = {}  # directory -> its removals not swept yet (see being_removed)
         self.staging: Staging | None = None
         self._n = 0
         self._wake = trio.Event()
@@ -57,7 +58,14 @@ class RemoteNamespace:
             self.staging.settle_foreign(to)  # other nodes' staged files are theirs to copy
         self.outbox.append((op, path, to))
         self.unwritten += 1
+        if op == "rmdir":
+            self.removing[path] = self.removing.get(path, 0) + 1
         self._wake.set()
+
+    def being_removed(self, key: str) -> bool:
+        """Whether `key` is under a directory this node removed and has not swept yet: what the
+        bucket still holds there is going, and must not come back as entries here."""
+        return any(key.startswith(path + "/") for path in self.removing)
 
     async def run(self) -> None:
         """Write queued records in order (retrying forever); sweep removed directories."""
@@ -70,6 +78,10 @@ class RemoteNamespace:
             for op, path, to in coalesce(queued):
                 await self._write_with_retry(op, path, to)
             self.unwritten -= len(queued)
+            for path in [path for op, path, _ in queued if op == "rmdir"]:
+                self.removing[path] -= 1
+                if not self.removing[path]:
+                    del self.removing[path]
             await self._expire_own()
 
     async def _write_with_retry(self, op: str, path: str, to: str | None) -> None:
@@ -102,7 +114,7 @@ class RemoteNamespace:
         doomed = []
         async for item in self.store.list_objects(path + "/"):
             key = self.store.relative_key(item["Key"])
-            if item["LastModified"].timestamp() <= cutoff and self.ns.resolve(key.rstrip("/")) is None:
+            if item["LastModified"].timestamp() <= cutoff and not self._kept_by_sweep(key):
                 doomed.append(key)
         quoted = rec.quote_path(path)
         for prefix in [*rec.scope_records_prefixes(path), f"{STAGED}{quoted}/", f"{STAGED}{quoted}%2F"]:
@@ -115,6 +127,16 @@ class RemoteNamespace:
                 pass
         if doomed:
             log.info("removed %s: deleted %d objects under it in the bucket", path, len(doomed))
+
+    def _kept_by_sweep(self, key: str) -> bool:
+        """Whether this node made the name again since its removal (`rm -r d; mkdir d`) and wants the
+        object: a file of that name, or the marker of a directory of that name that is empty."""
+        ino = self.ns.resolve(key.rstrip("/"))
+        if ino is None:
+            return False
+        if key.endswith("/"):
+            return self.ns.getattr(ino).is_dir and not self.ns.has_children(ino)
+        return True
 
     async def _expire_own(self) -> None:
         while self.written and self.written[0][0] < time.time() - LOG_RETENTION_S:

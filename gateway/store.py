@@ -304,8 +304,11 @@ class Store:
                                 CopySourceRange=f"bytes={start}-{end - 1}")
         return {"PartNumber": number, "ETag": resp["CopyPartResult"]["ETag"]}
 
-    async def delete_object(self, key: str) -> None:
-        await self._call(f"DELETE {key}", "delete_object", Key=self.full_key(key))
+    async def delete_object(self, key: str, *, if_match: str | None = None) -> None:
+        """DELETE; with `if_match`, only while the object's ETag is still that one (else StoreError
+        "PreconditionFailed"). A server that ignores the condition deletes unconditionally."""
+        conditions = {"IfMatch": if_match} if if_match else {}
+        await self._call(f"DELETE {key}", "delete_object", Key=self.full_key(key), **conditions)
 
     async def head_object(self, key: str) -> dict:
         return await self._call(f"HEAD {key}", "head_object", Key=self.full_key(key))

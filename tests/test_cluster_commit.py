@@ -97,6 +97,26 @@ def test_lost_node_marker_never_published(make_mount, throttled, tmp_path):
     assert commit["waiting_for"][0]["node"] != new_member
 
 
+def test_removing_a_checkpoint_whose_commit_waits_for_a_lost_node_leaves_nothing_pending(make_mount, throttled,
+                                                                                          tmp_path):
+    """The partial step a lost node left is deleted (by hand, or by retention): its commit round is
+    abandoned, so the run directory is durable again and `ckptfs wait` on it returns."""
+    a = make_mount("a", options=cluster_options("a"))
+    throttled.set_bandwidth(256 << 10)
+    b = make_mount("b", options=cluster_options("b"), endpoint_url=throttled.endpoint_url)
+    run_ranks("dcp", [a.path / "run1", b.path / "run1"], tmp_path)
+    wait_until(lambda: waiting_for(a, "run1/step_1"), 20, "a to wait for b")
+    b.kill9()
+    assert a.state("run1") == "pending"
+    shutil.rmtree(a.path / "run1" / "step_1")
+    a.wait("run1", timeout=30)
+    assert a.state("run1") == "durable"
+    [commit] = [c for c in a.status()["cluster"]["commits"] if c["scope"] == "run1/step_1"]
+    assert commit["state"] == "abandoned" and commit["waiting_for"] == []
+    wait_until(lambda: not [k for k in a.keys() if k.startswith("run1/step_1/")], 30, "the step's objects to go")
+    assert not [k for k in a.keys() if k.startswith(".ckptfs/commits/run1%2Fstep_1/")]
+
+
 def test_renamed_directory_commits_only_when_every_nodes_files_are_in(make_mount, throttled):
     """A checkpoint committed by renaming a temporary directory (`step_5.tmp/` -> `step_5/`) that
     both nodes wrote into: node b's shard is staged and then copied under the final name; node a's

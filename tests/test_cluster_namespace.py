@@ -53,6 +53,36 @@ def test_delete_on_one_node_removes_every_nodes_objects_and_entries(nodes):
     assert not [k for k in a.keys() if k.startswith("run1/step_1")]
 
 
+def test_a_directory_removed_and_made_again_on_one_node_keeps_the_new_files_on_every_node(nodes):
+    """The node that applies the removal must not delete what the removing node wrote there since
+    (its own old objects are the remover's to sweep), whether the new file's bytes differ or not."""
+    a, b = nodes
+    step_a, step_b = a.path / "run1" / "step", b.path / "run1" / "step"
+    step_a.mkdir(parents=True)
+    (step_a / "f").write_bytes(b"a" * 100)
+    (step_a / "empty").write_bytes(b"")
+    a.wait("run1", timeout=30)
+    wait_until(lambda: (step_b / "f").exists() and (step_b / "empty").exists(), BOUND_S, "b to see a's files")
+    shutil.rmtree(step_b)
+    step_b.mkdir()
+    with open(step_b / "f.tmp", "wb") as out:  # as torch.save does
+        out.write(b"b" * 200)
+        os.fsync(out.fileno())
+    os.rename(step_b / "f.tmp", step_b / "f")
+    (step_b / "empty").write_bytes(b"")  # the same bytes, so the same ETag, as a's object had
+    b.wait("run1", timeout=30)
+    wait_until(lambda: "was removed on another node" in (a.path.parent / "a.log").read_text(), BOUND_S,
+               "a to apply b's removal")
+    a.wait(timeout=30)  # a's drain has done whatever it does about the removal
+    want = {"run1/step/f": 200, "run1/step/empty": 0}
+    wait_until(lambda: all((m.path / k).exists() for m in (a, b) for k in want), BOUND_S, "both nodes to show the files")
+    time.sleep(1.5)  # listings on both nodes (TTL 1 s) must not drop them either
+    assert {k: v for k, v in a.keys().items() if k.startswith("run1/step/")} == want
+    for m in (a, b):
+        assert (m.path / "run1" / "step" / "f").read_bytes() == b"b" * 200
+        assert (m.path / "run1" / "step" / "empty").read_bytes() == b""
+
+
 def test_overwrite_and_delete_of_a_file_are_seen_on_the_other_node(nodes):
     a, b = nodes
     (b.path / "run1").mkdir()

@@ -356,6 +356,26 @@ def test_a_name_another_node_deleted_leaves_its_emptied_directory_nothing_to_upl
     assert pending(ns) == set()
 
 
+def test_names_another_node_removed_hand_their_objects_to_it_and_local_removals_stale_them(ns):
+    """After another node's rmdir record, the objects this node published there are that node's to
+    sweep: deleting them from here could delete what it wrote at those keys since."""
+    def stale() -> set[str]:
+        return {r[0] for r in ns.journal.all("SELECT key FROM objects WHERE inode IS NULL")}
+    d = ns.create(ROOT_INODE, b"step", DIR, 0, 0).id
+    f = new_file(ns, d, b"shard")
+    empty = ns.create(ROOT_INODE, b"empty", DIR, 0, 0).id
+    g = new_file(ns, ROOT_INODE, b"g")
+    publish(ns, f, "step/shard")
+    publish(ns, empty, "empty/")
+    publish(ns, g, "g")
+    ns.remove_tree(d)  # the rmdir record of another node
+    ns.remove_tree(empty)
+    assert ns.resolve("step") is None and ns.resolve("empty") is None
+    assert stale() == set() and ns.journal.one("SELECT count(*) FROM objects WHERE key<>'g'")[0] == 0
+    ns.unlink(ROOT_INODE, b"g")  # this node's own removal: its drain deletes the object
+    assert stale() == {"g"}
+
+
 def test_an_entry_from_another_node_takes_back_the_marker_of_a_directory_published_empty(ns):
     d = ns.create(ROOT_INODE, b"step", DIR, 0, 0).id
     publish(ns, ROOT_INODE)
