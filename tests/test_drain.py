@@ -91,6 +91,29 @@ def test_unlink_and_rmtree_delete_objects(ckptfs_mount):
     assert m.keys() == {"keep": 1}
 
 
+def test_a_delete_leaves_an_object_another_writer_put_at_the_key_since(ckptfs_mount):
+    """The drain deletes a removed file's object only while it still holds this gateway's upload
+    (If-Match on its ETag): what another writer put there since stays."""
+    m = ckptfs_mount
+    (m.path / "d").mkdir()
+    for name in ("mine", "theirs"):
+        write_file(m.path / "d" / name, name.encode() * 1000)
+    m.wait()
+    client = m.s3.boto3_client()
+    client.put_object(Bucket=m.bucket, Key=f"{m.prefix}/d/theirs", Body=b"another writer's")
+    os.unlink(m.path / "d" / "mine")
+    os.unlink(m.path / "d" / "theirs")
+    m.wait()
+    deadline = time.monotonic() + 30
+    while "d/mine" in m.keys() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "d/mine" not in m.keys() and m.keys()["d/theirs"] == len(b"another writer's")
+    body = client.get_object(Bucket=m.bucket, Key=f"{m.prefix}/d/theirs")["Body"].read()
+    assert body == b"another writer's"
+    assert "d/theirs was rewritten since this gateway published it" in (m.cache_dir / "ckptfs.log").read_text()
+    assert m.status()["stale_objects"] == 0
+
+
 def test_rmtree_while_uploading_leaves_nothing(make_mount):
     m = make_mount(options=("--drain-delay", "0", "--part-size", "5MiB"))
     (m.path / "ckpt").mkdir()
