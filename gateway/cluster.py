@@ -191,6 +191,13 @@ class Cluster:
             commit.markers.append(marker)  # a later marker of the same round shares its answers
         return commit
 
+    async def read_removals(self) -> None:
+        """One poll of the namespace log: removal records written before a sweep are seen once
+        the sweep's deletes are (LIST is strongly consistent)."""
+        if self.namespace is not None:
+            async with self._poll_lock:
+                await self.namespace.poll_log()
+
     def note_durable(self) -> None:
         """The drain made a local file durable: answer, or look for the marker, without polling."""
         self._durable_wake.set()

@@ -69,12 +69,19 @@ class CommitGate(Protocol):
     def note_durable(self) -> None:
         """A file of this node just became durable (sync, no I/O): answers may be due."""
 
+    async def read_removals(self) -> None:
+        """Apply the directory removals other nodes have recorded by now (StoreError if the bucket
+        cannot tell)."""
+
 
 class OpenGate:
     wake = staticmethod(lambda: None)
 
     def may_publish(self, scope: str, marker: str) -> bool:
         return True
+
+    async def read_removals(self) -> None:
+        pass
 
     def note_durable(self) -> None:
         pass
@@ -569,11 +576,18 @@ class Drain:
         token = self._token(attr.id)
         have = self.book.keys_of(attr.id)
         want_marker = not self.ns.has_children(attr.id) and not self.is_held(key[:-1])
+        emptied_elsewhere = want_marker and key not in have and attr.id in self.ns.emptied_elsewhere
+        if emptied_elsewhere:
+            await self.gate.read_removals()  # another node emptied it: is a removal of it on its way?
+            self.ns.emptied_elsewhere.discard(attr.id)
+            want_marker = self.ns.path_of(attr.id) is not None and not self.ns.has_children(attr.id)
         if want_marker and key not in have:
             self.book.intend(key, token[0])
             etag = await self.publisher.put(key, lambda: (b"", None, None), self._metadata(attr, "", "dir"),
                                             self._priority_of(attr.id), lambda: None)
             self.book.record(key, attr.id, 0, "", etag, token[0])
+            if emptied_elsewhere:
+                self.ns.follower_markers.add(key)
         self.book.orphan(attr.id, token[0], keep=(key,) if want_marker else ())
         self._finish(attr.id, token, None)
 

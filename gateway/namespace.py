@@ -127,6 +127,10 @@ class Namespace:
         self.entry_of: dict[int, tuple[int, bytes]] = {}
         self.written_digests: dict[int, tuple[str, int]] = {}  # inode -> (xxh3, size) hashed while written
         self.purge_listeners: list[Callable[[int], None]] = []  # per-inode state elsewhere, dropped on purge
+        # Directories another node's change emptied here: their marker waits for a look at the
+        # namespace log (gateway/drain.py, _sync_directory). In memory only.
+        self.emptied_elsewhere: set[int] = set()
+        self.follower_markers: set[str] = set()  # markers published for such directories (see _hand_over_object)
         self.owner = (uid, gid)
         self._ensure_root(uid, gid)
         self._count_subdirs()
@@ -389,10 +393,11 @@ class Namespace:
     def _remove_entry(self, parent: int, name: bytes, ino: int, *, follow: bool = False) -> None:
         """Drop the name; its object becomes stale (deleted by the drain); data goes with the last name,
         when the kernel forgets the inode. `follow`: the name went on another node, whose change
-        it is: the parent gets a new mtime but nothing to upload here (an emptied directory's
-        marker is the deleting node's to publish; one published from here could land after that
-        node's sweep and bring the directory back). The object at the name is that node's to
-        delete too: its sweep removes what predates its record, and a delete from here could
+        it is. The parent gets a new mtime; if that emptied it, it needs its marker, which the
+        drain publishes only after a look at the namespace log (`emptied_elsewhere`: a marker
+        published from here while a removal of the directory is on its way would land after
+        that node's sweep and bring the directory back). The object at the name is that node's
+        to delete: its sweep removes what predates its record, and a delete from here could
         remove what it wrote there since (gateway/remote_ns.py)."""
         t = now_ns()
         gen = self._next_gen()
@@ -401,10 +406,12 @@ class Namespace:
             if follow and (attr.is_dir or attr.nlink <= 1):  # a hard link's object may be its content's only copy
                 self._hand_over_object(parent, name, attr)
             self._drop_name(parent, name, attr, t, gen)
-            if follow:
+            if follow and (parent == ROOT_INODE or self.has_children(parent)):
                 self.journal.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=? WHERE id=?", (t, t, parent))
             else:
                 self._touch_dir(parent, t, gen)
+                if follow:
+                    self.emptied_elsewhere.add(parent)
         self._forget_name(ino, parent, name)
         self.on_change()
 
@@ -430,10 +437,15 @@ class Namespace:
             self._mark_moved(attr.id, gen)  # the drain looks at the other names again
 
     def _hand_over_object(self, parent: int, name: bytes, attr: Attr) -> None:
-        """Inside a transaction: forget the published object at this name without deleting it."""
+        """Inside a transaction: forget the published object at this name without deleting it. A
+        marker published because another node emptied the directory is this node's own to
+        delete: it may have landed after the remover's sweep."""
         path = self.path_of_name(parent, name)
         if path is not None:
             key = path + "/" if attr.is_dir else path
+            if key in self.follower_markers:
+                self.follower_markers.discard(key)
+                return
             self.journal.execute("DELETE FROM objects WHERE key=? AND inode=?", (key, attr.id))
 
     def _published_elsewhere(self, ino: int, key: str | None) -> bool:
@@ -807,6 +819,7 @@ class Namespace:
             self.journal.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
             self.journal.execute("DELETE FROM scopes WHERE root=?", (ino,))
         self.written_digests.pop(ino, None)
+        self.emptied_elsewhere.discard(ino)
         self.on_purge(ino)
         for forget in self.purge_listeners:
             forget(ino)

@@ -74,6 +74,7 @@ class ObjectBook:
 
     def deleted(self, key: str) -> None:
         self.journal.execute("DELETE FROM objects WHERE key=? AND inode IS NULL", (key,))
+        self.ns.follower_markers.discard(key)
 
     def wanted(self, key: str, memo: dict[str, int | None] | None = None) -> bool:
         """Whether a live name maps to `key` (then a stale object there is overwritten, not deleted).

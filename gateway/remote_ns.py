@@ -130,13 +130,12 @@ class RemoteNamespace:
 
     def _kept_by_sweep(self, key: str) -> bool:
         """Whether this node made the name again since its removal (`rm -r d; mkdir d`) and wants the
-        object: a file of that name, or the marker of a directory of that name that is empty."""
-        ino = self.ns.resolve(key.rstrip("/"))
-        if ino is None:
-            return False
+        object: a file of that name (its upload may be the object already), or a directory marker
+        this node published itself (another node's marker goes: if the directory is empty here,
+        this node's drain publishes its own)."""
         if key.endswith("/"):
-            return self.ns.getattr(ino).is_dir and not self.ns.has_children(ino)
-        return True
+            return self.ns.journal.one("SELECT 1 FROM objects WHERE key=? AND inode IS NOT NULL", (key,)) is not None
+        return self.ns.resolve(key) is not None
 
     async def _expire_own(self) -> None:
         while self.written and self.written[0][0] < time.time() - LOG_RETENTION_S:

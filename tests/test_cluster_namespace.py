@@ -83,6 +83,31 @@ def test_a_directory_removed_and_made_again_on_one_node_keeps_the_new_files_on_e
         assert (m.path / "run1" / "step" / "empty").read_bytes() == b""
 
 
+def test_a_directory_two_nodes_empty_at_once_keeps_its_marker_in_the_bucket(make_mount, tmp_path):
+    """Node a moves the directory's last file out while node b removes its last subdirectory: each
+    drain looks at once (no drain delay) and sees the other's entry still there, so the marker is a
+    follower's to publish."""
+    a, b = (make_mount(n, options=cluster_options(n, "--metadata-ttl", "1", "--drain-delay", "0",
+                                                  "--log-file", str(tmp_path / f"{n}.log"))) for n in "ab")
+    (a.path / "run1" / "d").mkdir(parents=True)
+    (a.path / "run1" / "keep").mkdir()
+    (a.path / "run1" / "d" / "f").write_bytes(b"f" * 10)
+    (a.path / "run1" / "d" / "t").mkdir()
+    (a.path / "run1" / "d" / "t" / "g").write_bytes(b"g" * 10)
+    a.wait("run1", timeout=30)
+    wait_until(lambda: sorted(os.listdir(b.path / "run1" / "d")) == ["f", "t"]
+               and (b.path / "run1" / "keep").exists(), BOUND_S, "b to see a's tree")
+    os.rename(a.path / "run1" / "d" / "f", a.path / "run1" / "keep" / "f")
+    shutil.rmtree(b.path / "run1" / "d" / "t")
+    a.wait("run1", timeout=30)
+    b.wait("run1", timeout=30)
+    want = {"run1/d/": 0, "run1/keep/f": 10}
+    wait_until(lambda: {k: v for k, v in a.keys().items() if not k.startswith(".ckptfs/")} == want, BOUND_S,
+               f"the bucket to hold {want}")
+    for m in (a, b):
+        wait_until(lambda m=m: os.listdir(m.path / "run1" / "d") == [], BOUND_S, f"{m.path.name} to show d empty")
+
+
 def test_overwrite_and_delete_of_a_file_are_seen_on_the_other_node(nodes):
     a, b = nodes
     (b.path / "run1").mkdir()

@@ -331,3 +331,24 @@ def test_fence_waits_for_the_other_nodes_staged_files_and_adopts_them(s3_server,
         keys = [store.relative_key(item["Key"]) async for item in store.list_objects(rec.PENDING)]
         assert keys == []  # the fences' records are gone
     run_with_store(s3_server, bucket, scenario)
+
+
+def test_the_removers_sweep_keeps_only_what_it_made_again_and_published_itself(s3_server, bucket, tmp_path):
+    """`rm -r d; mkdir d` on node a: its sweep deletes another node's marker of `d` even while
+    a's `d` is empty (a's drain publishes a's own), keeps a marker a published itself, keeps an
+    old object at the name of a file a made again (a's upload may be it), and deletes the rest."""
+    async def scenario(store):
+        a = Node(tmp_path, "a", store)
+        for key in ("run/d/", "run/d/old", "run/e/", "run/e/f", "run/e/g"):
+            await store.put_object(key, b"" if key.endswith("/") else b"theirs", {})
+        a.write("run/d/keep_run")  # run/d made again, then emptied: empty at the sweep
+        a.ns.unlink(a.ns.resolve("run/d"), b"keep_run")
+        a.write("run/e/f")  # run/e made again, with f
+        e = a.ns.resolve("run/e")
+        a.journal.execute("INSERT INTO objects (key, inode, size, etag) VALUES ('run/e/', ?, 0, 'x')", (e,))
+        rn = a.cluster.namespace
+        for path in ("run/d", "run/e"):
+            await rn._sweep(path, await rn._write("rmdir", path, None))
+        left = [store.relative_key(item["Key"]) async for item in store.list_objects("run/")]
+        assert sorted(left) == ["run/e/", "run/e/f"]
+    run_with_store(s3_server, bucket, scenario)

@@ -340,19 +340,24 @@ def test_local_nodes_and_links_survive_a_restart_and_recovery(journal, tmp_path)
 
 # ---- following other nodes (--cluster) --------------------------------------------------------
 
-def test_a_name_another_node_deleted_leaves_its_emptied_directory_nothing_to_upload(ns):
-    """The node that deleted it publishes the emptied directory's marker; one published here could
-    land after that node's sweep of the directory and bring it back."""
+def test_a_directory_another_node_emptied_waits_for_the_log_before_its_marker(ns):
+    """Its marker is this node's to publish too (another node may have emptied it only in part),
+    but only after a look at the namespace log (`emptied_elsewhere`): published while a removal
+    of the directory is on its way, it would land after that node's sweep and bring it back."""
     d = ns.create(ROOT_INODE, b"step", DIR, 0, 0).id
     sub = ns.create(d, b"sub", DIR, 0, 0).id
     f = new_file(ns, sub, b"shard")
+    g = new_file(ns, sub, b"other")
     for ino in (ROOT_INODE, d, sub):
         publish(ns, ino)  # durable; directories with children have no marker of their own
     publish(ns, f, "step/sub/shard")
+    publish(ns, g, "step/sub/other")
     before = ns.getattr(sub).mtime_ns
-    ns.forget_remote(f, "step/sub/shard")  # the listing: the object vanished
-    assert pending(ns) == set() and ns.getattr(sub).mtime_ns > before
-    ns.remove_tree(d)  # the rmdir record of another node
+    ns.forget_remote(f, "step/sub/shard")  # the listing: the object vanished; sub is not empty
+    assert pending(ns) == set() and ns.getattr(sub).mtime_ns > before and not ns.emptied_elsewhere
+    ns.forget_remote(g, "step/sub/other")
+    assert pending(ns) == {sub} and ns.emptied_elsewhere == {sub}
+    ns.remove_tree(d)  # the rmdir record of another node: nothing is left to publish
     assert pending(ns) == set()
 
 
