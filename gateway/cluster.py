@@ -37,7 +37,7 @@ from gateway.file_state import PENDING_SQL
 from gateway.journal import Journal
 from gateway.namespace import SUBTREE_CTE, Namespace
 from gateway.scopes import ScopeRules
-from gateway.staging import Staging, parse_staged_key, staged_path, staged_prefix
+from gateway.staging import Staging, held_root, parse_staged_key, staged_path, staged_prefix
 from gateway.store import Store
 
 if TYPE_CHECKING:  # annotations only
@@ -190,6 +190,11 @@ class Cluster:
         elif marker not in commit.markers:
             commit.markers.append(marker)  # a later marker of the same round shares its answers
         return commit
+
+    def keeps_dir(self, ino: int, path: str) -> bool:
+        """A directory this node keeps although the bucket does not show it: made by another node's
+        record (its marker may not be out yet), or under a temporary name (never published)."""
+        return ino in self.staging.remote_dirs or held_root(path, self.rules) is not None
 
     async def read_removals(self) -> None:
         """One poll of the namespace log: removal records written before a sweep are seen once

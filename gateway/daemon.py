@@ -214,6 +214,7 @@ def _cluster(config: Config, ns: Namespace, store: Store, journal: Journal, list
     cluster.namespace = RemoteNamespace(ns, store, cluster.node)
     cluster.namespace.staging = cluster.staging
     listing.being_removed = cluster.namespace.being_removed
+    listing.keeps_dir = cluster.keeps_dir
     log.info("cluster mode: node %s", cluster.member)
     return cluster
 

@@ -49,6 +49,9 @@ class BucketListing:
         self.follow_bucket = follow_bucket
         self.on_stale_entry = on_stale_entry  # the kernel must forget a cached name
         self.being_removed: Callable[[str], bool] = lambda key: False  # set in cluster mode (remote_ns)
+        # cluster mode: directories this node keeps although the bucket does not show them (made by
+        # another node's record, or under a temporary name): (inode, path) -> bool
+        self.keeps_dir: Callable[[int, str], bool] = lambda ino, path: True
         self.dropped = 0
         self.refreshed = 0
         self.warned: set[str] = set()
@@ -73,6 +76,7 @@ class BucketListing:
             self._forget_missing(set(known) - set(listed))
         elif self.follow_bucket:
             self._follow(known, listed)
+            self._drop_vanished_dirs(listed)
         self.last_sync_at = time.time()
         self.adopted += added
         if added:
@@ -119,6 +123,25 @@ class BucketListing:
                 self.refreshed += 1
                 log.info("%s was overwritten in the bucket (by another node): replaced here", key)
             self.on_stale_entry(parent, name)
+
+    def _drop_vanished_dirs(self, listed: dict[str, dict]) -> None:
+        """Empty directories known only from the bucket that it no longer shows (a listing or a
+        lookup adopted them from objects another node's removal then swept) are dropped, deepest
+        first. A directory of this node's own has its marker or a pending change, and is kept."""
+        shown = {"/".join(parts[:i]) for key in listed for parts in [key.rstrip("/").split("/")]
+                 for i in range(1, len(parts) + (1 if key.endswith("/") else 0))}
+        dropped = True
+        while dropped:
+            dropped = False
+            for ino in self.ns.empty_unpublished_dirs():
+                path = self.ns.path_of(ino)
+                if path is None or path in shown or ino in self.ns.open or self.keeps_dir(ino, path):
+                    continue
+                parent, name = self.ns.entry_of[ino]
+                self.ns.forget_remote_dir(ino)
+                self.on_stale_entry(parent, name)
+                log.info("%s is no longer in the bucket (removed by another node): dropped here", path)
+                dropped = True
 
     def _adopt(self, key: str, item: dict) -> int:
         parts = key_components(key)

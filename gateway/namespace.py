@@ -390,7 +390,8 @@ class Namespace:
             raise FsError(errno.ENOENT)
         return ino
 
-    def _remove_entry(self, parent: int, name: bytes, ino: int, *, follow: bool = False) -> None:
+    def _remove_entry(self, parent: int, name: bytes, ino: int, *, follow: bool = False,
+                      marker_if_emptied: bool = True) -> None:
         """Drop the name; its object becomes stale (deleted by the drain); data goes with the last name,
         when the kernel forgets the inode. `follow`: the name went on another node, whose change
         it is. The parent gets a new mtime; if that emptied it, it needs its marker, which the
@@ -406,7 +407,7 @@ class Namespace:
             if follow and (attr.is_dir or attr.nlink <= 1):  # a hard link's object may be its content's only copy
                 self._hand_over_object(parent, name, attr)
             self._drop_name(parent, name, attr, t, gen)
-            if follow and (parent == ROOT_INODE or self.has_children(parent)):
+            if follow and (parent == ROOT_INODE or self.has_children(parent) or not marker_if_emptied):
                 self.journal.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=? WHERE id=?", (t, t, parent))
             else:
                 self._touch_dir(parent, t, gen)
@@ -883,6 +884,20 @@ class Namespace:
             return
         self._remove_entry(entry[0], entry[1], ino, follow=True)
         self.journal.execute("DELETE FROM objects WHERE key=? AND inode IS NULL", (key,))
+
+    def empty_unpublished_dirs(self) -> list[int]:
+        """Durable, empty directories (not the root) that no object of this node stands for."""
+        return [r[0] for r in self.journal.all(
+            "SELECT i.id FROM inodes i WHERE (i.mode & 61440) = 16384 AND i.nlink > 0 AND i.state = 'durable' "
+            "AND i.id <> ? AND NOT EXISTS (SELECT 1 FROM dentries d WHERE d.parent = i.id) "
+            "AND NOT EXISTS (SELECT 1 FROM objects o WHERE o.inode = i.id)", (ROOT_INODE,))]
+
+    def forget_remote_dir(self, ino: int) -> None:
+        """Drop an empty directory that only the bucket stood for, and the bucket no longer shows
+        (its objects were swept): nothing to publish, here or for its parent."""
+        entry = self.entry_of.get(ino)
+        if entry is not None:
+            self._remove_entry(entry[0], entry[1], ino, follow=True, marker_if_emptied=False)
 
     def set_cached(self, ino: int, cached: bool, *, size: int | None = None) -> None:
         self.journal.execute("UPDATE inodes SET cached=?, size=coalesce(?, size) WHERE id=?",

@@ -352,3 +352,22 @@ def test_the_removers_sweep_keeps_only_what_it_made_again_and_published_itself(s
         left = [store.relative_key(item["Key"]) async for item in store.list_objects("run/")]
         assert sorted(left) == ["run/e/", "run/e/f"]
     run_with_store(s3_server, bucket, scenario)
+
+
+def test_directories_known_only_from_the_bucket_go_once_it_no_longer_shows_them(tmp_path):
+    """A listing or lookup may adopt a directory from objects another node's removal is sweeping;
+    once the listing shows nothing of it, it is dropped (deepest first), unless this node keeps it."""
+    from gateway.listing import BucketListing
+    ns = Namespace(Journal(tmp_path / "j.db"), uid=0, gid=0, on_purge=lambda ino: None)
+    for path in ("gone", "shown", "chain/inner", "kept"):
+        parent = ROOT_INODE
+        for part in path.split("/"):
+            parent = ns.adopt_remote(parent, part.encode(), is_dir=True)
+    own = ns.create(ROOT_INODE, b"own", stat.S_IFDIR | 0o755, 0, 0).id
+    ns.journal.execute("INSERT INTO objects (key, inode, size, etag) VALUES ('own/', ?, 0, 'e')", (own,))
+    ns.journal.execute("UPDATE inodes SET state='durable' WHERE id=?", (own,))
+    kept = ns.resolve("kept")
+    listing = BucketListing(ns, store=None, ttl_s=1, follow_bucket=True)  # type: ignore[arg-type]
+    listing.keeps_dir = lambda ino, path: ino == kept
+    listing._drop_vanished_dirs({"shown/": {}, "own/": {}})
+    assert sorted(name for _, name, _ in ns.readdir(ROOT_INODE, 0)) == [b"kept", b"own", b"shown"]
