@@ -575,12 +575,12 @@ class Drain:
     async def _sync_directory(self, attr: Attr, key: str) -> None:
         token = self._token(attr.id)
         have = self.book.keys_of(attr.id)
-        want_marker = not self.ns.has_children(attr.id) and not self.is_held(key[:-1])
+        want_marker = self._wants_marker(attr.id, key)
         emptied_elsewhere = want_marker and key not in have and attr.id in self.ns.emptied_elsewhere
         if emptied_elsewhere:
             await self.gate.read_removals()  # another node emptied it: is a removal of it on its way?
             self.ns.emptied_elsewhere.discard(attr.id)
-            want_marker = self.ns.path_of(attr.id) is not None and not self.ns.has_children(attr.id)
+            want_marker = self.ns.path_of(attr.id) is not None and self._wants_marker(attr.id, key)
         if want_marker and key not in have:
             self.book.intend(key, token[0])
             etag = await self.publisher.put(key, lambda: (b"", None, None), self._metadata(attr, "", "dir"),
@@ -590,6 +590,10 @@ class Drain:
                 self.ns.follower_markers.add(key)
         self.book.orphan(attr.id, token[0], keep=(key,) if want_marker else ())
         self._finish(attr.id, token, None)
+
+    def _wants_marker(self, ino: int, key: str) -> bool:
+        """An empty directory not under a temporary name has its `dir/` marker."""
+        return not self.ns.has_children(ino) and not self.is_held(key[:-1])
 
     async def _sync_file(self, attr: Attr, key: str) -> None:
         """Publish the content at the canonical name, then at every other hard link's name."""

@@ -135,7 +135,7 @@ class BucketListing:
             dropped = False
             for ino in self.ns.empty_unpublished_dirs():
                 path = self.ns.path_of(ino)
-                if path is None or path in shown or ino in self.ns.open or self.keeps_dir(ino, path):
+                if path is None or path in shown or self.keeps_dir(ino, path):
                     continue
                 parent, name = self.ns.entry_of[ino]
                 self.ns.forget_remote_dir(ino)

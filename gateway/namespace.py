@@ -407,12 +407,14 @@ class Namespace:
             if follow and (attr.is_dir or attr.nlink <= 1):  # a hard link's object may be its content's only copy
                 self._hand_over_object(parent, name, attr)
             self._drop_name(parent, name, attr, t, gen)
-            if follow and (parent == ROOT_INODE or self.has_children(parent) or not marker_if_emptied):
-                self.journal.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=? WHERE id=?", (t, t, parent))
-            else:
+            emptied_here = marker_if_emptied and parent != ROOT_INODE and not self.has_children(parent)
+            if not follow:
                 self._touch_dir(parent, t, gen)
-                if follow:
-                    self.emptied_elsewhere.add(parent)
+            elif emptied_here:
+                self._touch_dir(parent, t, gen)
+                self.emptied_elsewhere.add(parent)
+            else:
+                self.journal.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=? WHERE id=?", (t, t, parent))
         self._forget_name(ino, parent, name)
         self.on_change()
 
