@@ -4,6 +4,7 @@
     .venv/bin/python -m benchmarks.profile_daemon metadata-drain [--files 1000]   (uploads run meanwhile)
     .venv/bin/python -m benchmarks.profile_daemon drain [--size 1GiB]
     .venv/bin/python -m benchmarks.profile_daemon write [--size 1GiB]
+    .venv/bin/python -m benchmarks.profile_daemon dcp [--files 64] [--size 4MiB]   (bench_latency's DCP shape)
 
 The daemon is started with `python -m cProfile -o PROF -m gateway.cli mount ... --foreground`
 (the real CLI), the workload runs, the mount is unmounted (--no-drain semantics via SIGUSR2) and
@@ -21,14 +22,31 @@ import sys
 import time
 
 from benchmarks._common import CLI_ENV, REPO, GiB, moto, parse_size, workdir, write_checkpoint
+from benchmarks.bench_latency import names, write_tree
 from benchmarks.bench_metadata import create_files
+
+
+def wait_durable(mnt) -> None:
+    subprocess.run([sys.executable, "-m", "gateway.cli", "wait", str(mnt), "--timeout", "600"],
+                   cwd=REPO, env=CLI_ENV, check=True)
+
+
+def profile_dcp(mnt, shards: int, shard_size: int) -> float:
+    """bench_latency's DCP shape under a temporary name, renamed; seconds from the rename to durable."""
+    files = {f"__{r}_0.distcp": shard_size for r in range(shards)}
+    files[".metadata"] = 64 * 1024
+    tmp = write_tree(mnt, "dcp", files)
+    t0 = time.perf_counter()
+    os.rename(tmp, mnt / names("dcp")[1])
+    wait_durable(mnt)
+    return time.perf_counter() - t0
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("workload", choices=["metadata", "metadata-drain", "drain", "write"])
-    ap.add_argument("--files", type=int, default=1000)
-    ap.add_argument("--size", default="1GiB")
+    ap.add_argument("workload", choices=["metadata", "metadata-drain", "drain", "write", "dcp"])
+    ap.add_argument("--files", type=int, default=1000, help="metadata: files; dcp: shards (give 64)")
+    ap.add_argument("--size", default="1GiB", help="drain/write: file size; dcp: shard size (give 4MiB)")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--out", default="/var/tmp/ckptfs-bench/daemon.prof")
     args = ap.parse_args(argv)
@@ -52,14 +70,16 @@ def main(argv=None) -> int:
                 (mnt / "d").mkdir()
                 r = create_files(str(mnt / "d"), args.files, 4096)
                 print(f"{r['files']} files in {r['s']:.1f}s")
+            elif args.workload == "dcp":
+                drained_s = profile_dcp(mnt, args.files, parse_size(args.size))
+                print(f"dcp {args.files} x {args.size}: rename -> wait {drained_s:.2f}s")
             elif args.workload == "write":
                 r = write_checkpoint(mnt, "x", parse_size(args.size))
                 print(f"write {r}")
             else:
                 write_checkpoint(mnt, "x", parse_size(args.size))
                 t0 = time.perf_counter()
-                subprocess.run([sys.executable, "-m", "gateway.cli", "wait", str(mnt), "--timeout", "600"],
-                               cwd=REPO, env=CLI_ENV, check=True)
+                wait_durable(mnt)
                 print(f"drained {parse_size(args.size) / GiB:.2f} GiB in {time.perf_counter() - t0:.1f}s")
         finally:
             if proc.poll() is None:

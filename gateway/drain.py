@@ -655,9 +655,7 @@ class Drain:
         metadata = self._metadata(attr, digest, "file")
         check = lambda: self._check_token(attr.id, token)  # noqa: E731
         if size <= self.config.part_size_bytes:
-            sign = self.store.signs_payload
-            etag = await self.publisher.put(key, lambda: digests.read_range_sums(path, 0, size, sign), metadata,
-                                            self._priority_of(attr.id), check, size)
+            etag = await self.publisher.put_file(key, path, size, metadata, self._priority_of(attr.id), check)
         else:
             etag = await self.publisher.upload_multipart(key, path, size, metadata, self._priority_of(attr.id), check)
         with self.journal.transaction():  # one commit per upload's results

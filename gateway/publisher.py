@@ -1,6 +1,7 @@
 """The publisher: the requests that make one file's object visible, each with one clean-up path.
 
-- `put`: one PutObject (files up to a part, symlinks, directory markers);
+- `put`: one PutObject (symlinks, directory markers, small records);
+- `put_file`: one PutObject of a file up to a part's size;
 - `upload_multipart`: parts in parallel, then CompleteMultipartUpload; an upload that does not
   complete is aborted in its `finally` (shielded, so a cancelled job aborts too);
 - `copy`: CopyObject for a rename of published content, or UploadPartCopy parts above a part's size
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 ABORT_TIMEOUT_S = 10.0
 INLINE_BODY_MAX = 64 * 1024  # bodies up to this are read and summed on the loop: cheaper than a thread hop
+POOLED_BODY_MIN = 1 << 20  # file bodies from this size on are read into a part buffer and count as a part
 
 
 class Superseded(Exception):
@@ -85,8 +87,9 @@ class Publisher:
         self._on_retry = on_retry
         self._on_bytes = on_bytes
         self._lost_creates: set[str] = set()  # keys whose CreateMultipartUpload answer may be lost
-        # parts are read into reused buffers (no fresh 16 MiB allocation per part); the idle ones
-        # are dropped once no multipart upload runs, so an idle daemon does not keep them
+        # parts (and file bodies of POOLED_BODY_MIN or more) are read into reused buffers (no fresh
+        # allocation per part); the idle ones are dropped once no upload uses them, so an idle
+        # daemon does not keep them
         self.buffers = digests.PartBuffers(config.part_size_bytes, keep=config.upload_concurrency)
         self._uploads_running = 0
         self.foreground = Foreground()  # the daemon shares the FUSE layer's, which it tells of requests
@@ -115,6 +118,40 @@ class Publisher:
             etag = await self._retrying(f"PUT {key}", lambda: self.store.put_object(key, body, metadata, crc, sha))
         self._on_bytes(len(body))
         return etag
+
+    async def put_file(self, key: str, path: str, size: int, metadata: dict[str, str], priority: PriorityFn,
+                       check: Callable[[], None]) -> str:
+        """One PutObject of the first `size` (at most a part) bytes of the cache file `path`.
+
+        A body of POOLED_BODY_MIN or more is read into a reused part buffer and takes a part slot
+        instead of a request slot: a fresh 4 MiB `bytes` per file cost page faults and an mmap
+        (bench_part_read: 0.86 against 0.48 s of CPU per GiB), and bytes in flight stay within
+        upload_concurrency x part_size whatever the file sizes (32 PUTs of 16 MiB were 512 MiB).
+        """
+        sign = self.store.signs_payload
+        if size < POOLED_BODY_MIN:
+            return await self.put(key, lambda: digests.read_range_sums(path, 0, size, sign), metadata, priority,
+                                  check, size)
+        async with self.parts.slot(lambda: (*priority(), 0)), self._using_buffers():
+            await self.foreground.turn()
+            with self.buffers.lease(size) as view:
+                crc, sha = await trio.to_thread.run_sync(digests.read_into_sums, path, 0, view, sign)
+                check()
+                etag = await self._retrying(f"PUT {key}",
+                                            lambda: self.store.put_object(key, view, metadata, crc, sha))
+        self._on_bytes(size)
+        return etag
+
+    @contextlib.asynccontextmanager
+    async def _using_buffers(self):
+        """While an upload reads into part buffers; the idle buffers go when the last one ends."""
+        self._uploads_running += 1
+        try:
+            yield
+        finally:
+            self._uploads_running -= 1
+            if self._uploads_running == 0:
+                self.buffers.clear()
 
     async def copy(self, source: str, key: str, size: int, metadata: dict[str, str], priority: PriorityFn,
                    check: Callable[[], None]) -> str:
@@ -158,14 +195,9 @@ class Publisher:
             self._on_bytes(end - start)
             return result
 
-        self._uploads_running += 1
-        try:
+        async with self._using_buffers():
             return await self._multipart(key, size, priority, check,
                                          create=lambda: self.store.create_multipart(key, metadata), part=part)
-        finally:
-            self._uploads_running -= 1
-            if self._uploads_running == 0:
-                self.buffers.clear()
 
     async def _multipart(self, key: str, size: int, priority: PriorityFn, check: Callable[[], None], *,
                          create, part) -> str:

@@ -15,6 +15,8 @@ from typing import Any
 
 import botocore.auth
 import botocore.exceptions
+import h11
+import httpcore._async.http11
 import httpx
 from aiobotocore.config import AioConfig
 from aiobotocore.httpxsession import HttpxSession
@@ -72,6 +74,30 @@ class _PrecomputedPayloadS3Auth(botocore.auth.S3SigV4Auth):
 
 # Process-wide, but only different for bodies that carry their own hash.
 botocore.auth.AUTH_TYPE_MAPS["s3v4"] = _PrecomputedPayloadS3Auth
+
+
+def _send_body_chunks_without_copying() -> None:
+    """httpcore sends each body chunk through `h11.Connection.send`, which joins the pieces of an
+    event into new `bytes`: every byte of every part was copied once more on the event loop
+    (~9 % of its time in a DCP-shaped drain). `send_with_data_passthrough` hands back the chunk
+    itself (a memoryview of the part buffer), so it goes to the socket as it is. Process-wide; only
+    `h11.Data` events change. Skipped if httpcore's internals are not the ones this was written for."""
+    connection = httpcore._async.http11.AsyncHTTP11Connection
+    original = getattr(connection, "_send_event", None)
+    if original is None or getattr(original, "passes_data_through", False):
+        return
+
+    async def _send_event(self, event: h11.Event, timeout: float | None = None) -> None:
+        if type(event) is not h11.Data:
+            return await original(self, event, timeout=timeout)
+        for piece in self._h11_state.send_with_data_passthrough(event) or ():
+            await self._network_stream.write(piece, timeout=timeout)
+
+    _send_event.passes_data_through = True  # type: ignore[attr-defined]
+    connection._send_event = _send_event  # type: ignore[method-assign]
+
+
+_send_body_chunks_without_copying()
 
 
 class Body(io.BytesIO):
@@ -212,8 +238,8 @@ class Store:
         except NoSuchKey:
             raise StoreError(f"bucket {self.bucket} does not exist", transient=False, code="NoSuchBucket") from None
 
-    async def put_object(self, key: str, body: bytes, metadata: dict[str, str], crc32: str | None = None,
-                         sha256: str | None = None) -> str:
+    async def put_object(self, key: str, body: bytes | bytearray | memoryview, metadata: dict[str, str],
+                         crc32: str | None = None, sha256: str | None = None) -> str:
         """PUT with a CRC32 checksum the server verifies (computed here unless given)."""
         resp = await self._call(f"PUT {key}", "put_object", Key=self.full_key(key), Body=Body(body, sha256),
                                 Metadata=metadata, ChecksumCRC32=crc32 or crc32_b64(body), **_tagging(key))

@@ -47,6 +47,25 @@ def test_bucket_equals_namespace_with_digests(ckptfs_mount):
     assert os.getxattr(m.path / "a" / "b" / "big", "user.ckptfs.key") == b"run/a/b/big"
 
 
+def test_single_put_files_are_read_into_part_buffers_from_one_mib(ckptfs_mount):
+    """Files up to a part's size go in one PUT: from 1 MiB on the body is read into a reused part
+    buffer (no fresh allocation per file), below that into its own bytes; both arrive intact."""
+    m = ckptfs_mount
+    bodies = {f"pooled/{i}": os.urandom((1 << 20) + 4096 * i) for i in range(4)}
+    bodies["small"] = os.urandom((1 << 20) - 1)
+    for name, body in bodies.items():
+        (m.path / name).parent.mkdir(exist_ok=True)
+        write_file(m.path / name, body)
+    m.wait()
+    client = m.s3.boto3_client()
+    for name, body in bodies.items():
+        obj = client.get_object(Bucket=m.bucket, Key=f"run/{name}")
+        assert obj["Body"].read() == body
+        assert obj["Metadata"]["ckptfs-xxh3"] == xxhash.xxh3_128_hexdigest(body)
+        assert "-" not in obj["ETag"]  # one PUT, not a multipart upload
+    assert 1 <= m.status()["part_buffers_allocated_total"] <= 4
+
+
 def test_state_xattr_follows_the_file(ckptfs_mount):
     m = ckptfs_mount
     f = open(m.path / "f", "wb")

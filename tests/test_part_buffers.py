@@ -121,3 +121,45 @@ def test_payloads_are_hashed_for_the_signature_only_over_plain_http():
     path = "/dev/null"
     assert digest.read_range_sums(path, 0, 0, sha256=False)[2] is None
     assert digest.read_into_sums(path, 0, memoryview(bytearray(0)), sha256=False)[1] is None
+
+
+def test_buffers_are_anonymous_maps_whose_pages_come_on_first_touch():
+    """A new buffer costs no zero-fill on the event loop: it is an mmap, filled by the read."""
+    import mmap
+
+    buffers = digest.PartBuffers(16 << 20, keep=1)
+    with buffers.lease(5) as view:
+        assert isinstance(view.obj, mmap.mmap) and len(view.obj) == 16 << 20
+        view[:] = b"hello"
+    with buffers.lease(5) as view:
+        assert bytes(view) == b"hello"  # the same buffer again, not a fresh one
+    assert buffers.allocated == 1
+
+
+@pytest.mark.trio
+async def test_a_put_body_goes_to_the_socket_as_a_view_of_its_buffer(s3_server, bucket, monkeypatch):
+    """httpcore's h11 send joined every body chunk into new bytes (a copy of every part); with
+    `_send_body_chunks_without_copying` the socket is handed views of the part buffer itself."""
+    import httpcore._backends.trio
+
+    from gateway.store import Store
+
+    written: list[object] = []
+    original = httpcore._backends.trio.TrioStream.write
+
+    async def recording_write(self, buffer, timeout=None):
+        written.append(buffer)
+        return await original(self, buffer, timeout)
+
+    monkeypatch.setattr(httpcore._backends.trio.TrioStream, "write", recording_write)
+    buffers = digest.PartBuffers(3 << 20, keep=1)
+    data = os.urandom((2 << 20) + 3)
+    async with Store(bucket, "p", endpoint_url=s3_server.endpoint_url) as store:
+        with buffers.lease(len(data)) as view:
+            view[:] = data
+            await store.put_object("body", view, {})
+            chunks = [w for w in written if isinstance(w, memoryview) and w.obj is view.obj]
+            assert sum(len(c) for c in chunks) == len(data)
+            assert not [w for w in written if isinstance(w, bytes) and len(w) >= Body.CHUNK]
+        got, _ = await store.get_record("body")
+    assert got == data
