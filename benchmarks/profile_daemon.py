@@ -22,7 +22,7 @@ import sys
 import time
 
 from benchmarks._common import CLI_ENV, REPO, GiB, moto, parse_size, workdir, write_checkpoint
-from benchmarks.bench_latency import names, write_tree
+from benchmarks.bench_latency import names, tree_files, write_tree
 from benchmarks.bench_metadata import create_files
 
 
@@ -31,10 +31,9 @@ def wait_durable(mnt) -> None:
                    cwd=REPO, env=CLI_ENV, check=True)
 
 
-def profile_dcp(mnt, shards: int, shard_size: int) -> float:
+def profile_dcp(mnt, shards: int, shard_size: str) -> float:
     """bench_latency's DCP shape under a temporary name, renamed; seconds from the rename to durable."""
-    files = {f"__{r}_0.distcp": shard_size for r in range(shards)}
-    files[".metadata"] = 64 * 1024
+    files = tree_files("dcp", argparse.Namespace(shards=shards, shard_size=shard_size))
     tmp = write_tree(mnt, "dcp", files)
     t0 = time.perf_counter()
     os.rename(tmp, mnt / names("dcp")[1])
@@ -71,7 +70,7 @@ def main(argv=None) -> int:
                 r = create_files(str(mnt / "d"), args.files, 4096)
                 print(f"{r['files']} files in {r['s']:.1f}s")
             elif args.workload == "dcp":
-                drained_s = profile_dcp(mnt, args.files, parse_size(args.size))
+                drained_s = profile_dcp(mnt, args.files, args.size)
                 print(f"dcp {args.files} x {args.size}: rename -> wait {drained_s:.2f}s")
             elif args.workload == "write":
                 r = write_checkpoint(mnt, "x", parse_size(args.size))

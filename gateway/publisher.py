@@ -134,13 +134,21 @@ class Publisher:
                                   check, size)
         async with self.parts.slot(lambda: (*priority(), 0)), self._using_buffers():
             await self.foreground.turn()
-            with self.buffers.lease(size) as view:
-                crc, sha = await trio.to_thread.run_sync(digests.read_into_sums, path, 0, view, sign)
-                check()
+            async with self._read_into_buffer(path, 0, size, check) as (view, crc, sha):
                 etag = await self._retrying(f"PUT {key}",
                                             lambda: self.store.put_object(key, view, metadata, crc, sha))
         self._on_bytes(size)
         return etag
+
+    @contextlib.asynccontextmanager
+    async def _read_into_buffer(self, path: str, offset: int, length: int, check: Callable[[], None]):
+        """A leased part buffer holding `length` bytes at `offset` of `path`, with their CRC32 and
+        SHA-256 (read and summed in a worker thread); `check` runs after the read."""
+        with self.buffers.lease(length) as view:
+            crc, sha = await trio.to_thread.run_sync(digests.read_into_sums, path, offset, view,
+                                                      self.store.signs_payload)
+            check()
+            yield view, crc, sha
 
     @contextlib.asynccontextmanager
     async def _using_buffers(self):
@@ -187,10 +195,7 @@ class Publisher:
     async def upload_multipart(self, key: str, path: str, size: int, metadata: dict[str, str],
                                priority: PriorityFn, check: Callable[[], None]) -> str:
         async def part(upload_id: str, number: int, start: int, end: int) -> dict:
-            with self.buffers.lease(end - start) as view:
-                crc, sha = await trio.to_thread.run_sync(digests.read_into_sums, path, start, view,
-                                                          self.store.signs_payload)
-                check()
+            async with self._read_into_buffer(path, start, end - start, check) as (view, crc, sha):
                 result = await self.store.upload_part(key, upload_id, number, view, crc, sha)
             self._on_bytes(end - start)
             return result
