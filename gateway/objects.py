@@ -78,6 +78,7 @@ class ObjectBook:
 
     def wanted(self, key: str, memo: dict[str, int | None] | None = None) -> bool:
         """Whether a live name maps to `key` (then a stale object there is overwritten, not deleted).
+        A FIFO, socket or device at the name never overwrites it: the stale object goes.
         `memo`: see Namespace.resolve (one check of many keys, with no change in between)."""
         ino = self.ns.resolve(key.rstrip("/"), memo)
         if ino is None:
@@ -85,7 +86,7 @@ class ObjectBook:
         attr = self.ns.getattr(ino)
         if key.endswith("/"):
             return attr.is_dir and not self.ns.has_children(ino)
-        return not attr.is_dir
+        return not attr.is_dir and not attr.is_local_only
 
     def owned(self, key: str) -> bool:
         """Whether this gateway wrote or knows `key` (start-up clean-up of interrupted uploads)."""

@@ -330,7 +330,8 @@ class SideBySide(RuleBasedStateMachine):
                 break
             time.sleep(0.1)
         assert set(keys) == set(expected), (
-            f"after settle: missing {sorted(set(expected) - set(keys))}, extra {sorted(set(keys) - set(expected))}")
+            f"after settle: missing {sorted(set(expected) - set(keys))}, extra {sorted(set(keys) - set(expected))}; "
+            f"operations: {self.log}")
         for key, digest in expected.items():
             body = Context.get_object(key)
             assert (body == b"") if digest is None else hashlib.sha256(body).hexdigest() == digest, (

@@ -425,6 +425,24 @@ def test_mknod_regular_file(d):
     assert (d / "node").stat().st_size == 0
 
 
+def test_a_fifo_made_at_a_published_name_removes_its_object(mount, d):
+    """A published file unlinked (or replaced by a rename, then unlinked) and a FIFO made at its
+    name: the FIFO is never uploaded, so the file's object must go, not wait to be overwritten."""
+    (d / "f").write_bytes(b"published")
+    (d / "g").write_bytes(b"published too")
+    mount.wait(timeout=60)
+    assert bucket_keys_below(mount, d, {"f", "g"}) == {"f", "g"}
+    os.unlink(d / "f")
+    os.mkfifo(d / "f")
+    (d / "g.tmp").write_bytes(b"new content")
+    os.rename(d / "g.tmp", d / "g")
+    os.unlink(d / "g")
+    os.mkfifo(d / "g")
+    mount.wait(timeout=60)
+    assert bucket_keys_below(mount, d, set()) == set(), "the bucket still shows files the namespace replaced"
+    assert stat.S_ISFIFO((d / "f").stat().st_mode) and stat.S_ISFIFO((d / "g").stat().st_mode)
+
+
 def test_fifo_socket_and_device_nodes_work_locally(mount, d):
     os.mkfifo(d / "fifo", 0o600)
     assert stat.S_ISFIFO(os.lstat(d / "fifo").st_mode)
