@@ -27,9 +27,12 @@ class ObjectBook:
         return [r[0] for r in self.journal.all("SELECT key FROM objects WHERE inode=?", (ino,))]
 
     def intend(self, key: str, gen: int) -> None:
-        """A request may create `key`: known from now on, stale until `record`."""
-        self.journal.execute("INSERT OR IGNORE INTO objects (key, inode, size, stale_gen) VALUES (?, NULL, 0, ?)",
-                             (key, gen))
+        """A request may create or replace `key`: known from now on, stale until `record`. What the
+        key holds is unknown until then, so its ETag is forgotten: a request cancelled after the
+        server stored it (an unlink during the upload) leaves an object that a delete If-Match on
+        the old ETag would wrongly take for another writer's, and keep for good."""
+        self.journal.execute("INSERT INTO objects (key, inode, size, stale_gen) VALUES (?, NULL, 0, ?) "
+                             "ON CONFLICT (key) DO UPDATE SET etag=NULL", (key, gen))
 
     def record(self, key: str, ino: int, size: int, digest: str, etag: str, gen: int) -> None:
         """The bucket now holds `key`; it belongs to `ino` only if `ino` still has that name."""

@@ -6,6 +6,9 @@ Rules (docs/SEMANTICS.md, "Commit scopes"):
    agrees. A pointer starts once every file under its directory that became ready before it is
    durable. Everything else starts as soon as it is due. With several nodes (`gate_renames`), a
    directory renamed into place has a *closing file* that waits like a marker (`_gate_renamed_dirs`).
+   A file under a temporary name (held) or still being written is part of no rename scope: it is
+   not part of what the rename committed, and it must not keep the scope selected (rule 2) while
+   every other committed scope waits for it, up to the hold limit or for as long as it stays open.
 2. Bandwidth goes to committed scopes, newest first and without preemption: the drain *selects*
    the newest committed scope and keeps it selected until nothing of it is pending; then it selects
    the newest one at that moment. No second scope is started alongside: under continuous
@@ -111,6 +114,8 @@ def _committed_scopes(rows: Sequence[Row], rename_scopes: Mapping[int, int], rul
     for r in rows:
         if marker_dirs.intersection(r.ancestors):
             continue  # renames inside a checkpoint directory are part of that checkpoint
+        if r.held or (r.ready_seq is None and not r.is_dir):
+            continue  # waits on its writer or its hold limit: it must not keep its scope selected
         for depth, ino in enumerate((r.ino, *r.ancestors)):
             if ino in rename_scopes and ino not in scopes:
                 path = "/".join(r.path.split("/")[:len(r.path.split("/")) - depth])

@@ -6,9 +6,11 @@ import os
 import shutil
 import time
 
+import pytest
 import xxhash
 
 from tests.bucket_watch import BucketWatcher
+from tests.support.latencyproxy import LatencyProxy
 from tests.test_crash_kill9 import assert_bucket_equals_namespace
 
 
@@ -130,6 +132,36 @@ def test_a_delete_leaves_an_object_another_writer_put_at_the_key_since(ckptfs_mo
     body = client.get_object(Bucket=m.bucket, Key=f"{m.prefix}/d/theirs")["Body"].read()
     assert body == b"another writer's"
     assert "d/theirs was rewritten since this gateway published it" in (m.cache_dir / "ckptfs.log").read_text()
+    assert m.status()["stale_objects"] == 0
+
+
+@pytest.fixture
+def slow_answers(s3_server):
+    """A latency proxy (0.25 s each way) in front of moto, requested before make_mount so that it
+    outlives the mounts at teardown."""
+    with LatencyProxy(s3_server.endpoint_url, 0.25) as proxy:
+        yield proxy
+
+
+def test_an_upload_the_server_stored_before_its_unlink_leaves_no_object(slow_answers, make_mount):
+    """The unlink cancels a PUT the server has stored but not yet answered: the delete that follows
+    is not made conditional on the ETag of the upload before, so it does not take the object it
+    left for another writer's and keep it."""
+    m = make_mount(options=("--drain-delay", "0"), endpoint_url=slow_answers.endpoint_url)
+    client = m.s3.boto3_client()  # straight to moto, past the proxy
+    write_file(m.path / "f", b"first")
+    m.wait()
+    write_file(m.path / "f", b"second, in flight")
+    deadline = time.monotonic() + 30
+    while client.get_object(Bucket=m.bucket, Key=f"{m.prefix}/f")["Body"].read() != b"second, in flight":
+        assert time.monotonic() < deadline, "the second upload never reached the server"
+        time.sleep(0.01)
+    os.unlink(m.path / "f")  # its answer is still 0.25 s away
+    m.wait()
+    deadline = time.monotonic() + 30
+    while m.keys() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert m.keys() == {}
     assert m.status()["stale_objects"] == 0
 
 

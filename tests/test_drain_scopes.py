@@ -45,6 +45,22 @@ def test_newest_committed_checkpoint_is_uploaded_first(proxy, make_mount):
     assert_bucket_matches_mount(m)
 
 
+def test_a_held_file_in_a_checkpoint_does_not_stall_the_checkpoints_after_it(make_mount):
+    """A checkpoint renamed into place, then a file under a temporary name written into it (held
+    for the hold limit, an hour): the checkpoints saved after it are uploaded all the same."""
+    m = make_mount()
+    (m.path / "1.tmp").mkdir()
+    write_file(m.path / "1.tmp" / "shard", b"s" * 1000)
+    os.rename(m.path / "1.tmp", m.path / "1")
+    write_file(m.path / "1" / "extra.tmp", b"held")
+    m.wait("1/shard", timeout=30)
+    write_file(m.path / "2.tmp", b"the next checkpoint")
+    os.rename(m.path / "2.tmp", m.path / "2")
+    m.wait("2", timeout=30)
+    assert m.keys() == {"1/shard": 1000, "2": len(b"the next checkpoint")}
+    assert m.state("1/extra.tmp") == "held"
+
+
 def test_pending_checkpoint_deleted_locally_never_reaches_the_bucket(proxy, make_mount):
     """rmtree of a checkpoint while its multipart upload is in flight: the upload is aborted, no key
     of it is ever visible, and the drain goes on with the next one."""

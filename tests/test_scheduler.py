@@ -132,6 +132,18 @@ def test_rename_scope_under_a_temporary_name_is_not_committed():
     assert p.scopes == {}
 
 
+@pytest.mark.parametrize("how", ["held", "written"])
+def test_a_held_or_still_written_file_does_not_keep_its_rename_scope_selected(how):
+    t = Tree()
+    t.file("5/state/chunk0.tmp", 1 if how == "held" else None, held=how == "held", startable=False)
+    newer = t.file("model.pt", 2)
+    scopes = {t.dirs["5"]: 30, t.ino("model.pt"): 40}
+    # 5 was selected and started before model.pt was committed; all that is left of it waits
+    p = plan(t.rows, scopes, RULES, selected=t.dirs["5"], started=True)
+    assert set(p.scopes) == {newer}
+    assert p.selected == newer and newer in p.start
+
+
 def test_single_file_renamed_into_place_inside_a_marker_scope_belongs_to_the_marker_scope():
     t = Tree()
     state = t.file("step_1/state.pt", 5)
