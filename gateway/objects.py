@@ -92,8 +92,15 @@ class ObjectBook:
         return not attr.is_dir and not attr.is_local_only
 
     def owned(self, key: str) -> bool:
-        """Whether this gateway wrote or knows `key` (start-up clean-up of interrupted uploads)."""
-        ino = self.ns.resolve(key)
-        if ino is not None and not self.ns.getattr(ino).is_dir:
+        """Whether an interrupted upload of `key` may be this gateway's (start-up clean-up): a key it
+        intended or published (a stale row, or one with the digest this gateway records), or a file
+        it has yet to publish there. A key known only from the bucket (adopted: no digest), or a
+        name that holds a directory, FIFO, socket or device here, is another writer's."""
+        row = self.journal.one("SELECT inode IS NULL OR digest IS NOT NULL FROM objects WHERE key=?", (key,))
+        if row is not None and row[0]:
             return True
-        return self.journal.one("SELECT 1 FROM objects WHERE key=?", (key,)) is not None
+        ino = self.ns.resolve(key)
+        if ino is None:
+            return False
+        attr = self.ns.getattr(ino)
+        return not attr.is_dir and not attr.is_local_only and not attr.durable

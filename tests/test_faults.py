@@ -483,6 +483,27 @@ def test_lost_create_multipart_answer_leaves_no_incomplete_upload(proxy, make_mo
 
 
 @pytest.mark.timeout(120)
+def test_start_up_aborts_only_the_interrupted_uploads_that_may_be_its_own(make_mount):
+    """At start the gateway aborts incomplete uploads begun before it started of keys it may have
+    been uploading (a crash lost their ids): a file it has yet to publish. Another writer's upload
+    is left alone: of a key known only from the bucket, or one that holds a FIFO here."""
+    m = make_mount(options=("--drain-delay", "60"), start=False)
+    client = m.s3.boto3_client()
+    client.put_object(Bucket=m.bucket, Key=f"{m.prefix}/theirs", Body=b"another writer's")
+    m.start()
+    assert (m.path / "theirs").read_bytes() == b"another writer's"  # adopted from the bucket
+    os.mkfifo(m.path / "fifo")
+    write_file(m.path / "mine", b"pending for a minute")
+    for name in ("theirs", "fifo", "mine"):
+        client.create_multipart_upload(Bucket=m.bucket, Key=f"{m.prefix}/{name}")
+    m.unmount("--no-drain")
+    m.start()
+    wait_until(lambda: all(u["Key"] != f"{m.prefix}/mine" for u in open_uploads(m)), 30, "the abort of mine")
+    assert sorted(u["Key"] for u in open_uploads(m)) == [f"{m.prefix}/fifo", f"{m.prefix}/theirs"]
+    assert m.state("mine") == "queued"
+
+
+@pytest.mark.timeout(120)
 def test_lost_complete_multipart_answer_does_not_stall_the_drain(proxy, make_mount):
     """CompleteMultipartUpload succeeds on the server and the answer is lost: the object is there and
     correct, so the file must become durable promptly (not after ~40 s of NoSuchUpload retries and a
