@@ -143,6 +143,7 @@ class Drain:
         self._lineages_at = -1
         self.started_at = time.time()
         ns.on_change = self.note_change
+        ns.is_temporary = self.rules.is_held  # a rename into place does not restart the drain delay
         ns.on_removed = self.cancel
 
     # ---- service ------------------------------------------------------------------------

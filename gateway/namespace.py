@@ -116,6 +116,10 @@ class Namespace:
         self.on_purge = on_purge
         self.on_change: Callable[[], None] = lambda: None
         self.on_removed: Callable[[int], None] = lambda ino: None  # a name was removed: cancel its uploads
+        # Whether a path is a temporary name (the drain's hold rule). A rename into one restarts the
+        # hold limit and the drain delay; a rename to a final name keeps the time of the last change
+        # of content, so that a file renamed into place is uploaded without waiting the delay again.
+        self.is_temporary: Callable[[str], bool] = lambda path: True
         # Directory changes other nodes must see (op, path, new path): gateway/remote_ns.py in cluster mode.
         self.on_event: Callable[[str, str, str | None], None] | None = None
         self.lookups: dict[int, int] = {}
@@ -521,7 +525,7 @@ class Namespace:
                 self._add_subdirs(new_parent, 1)
             self._touch_dir(old_parent, t, gen)
             self._touch_dir(new_parent, t, gen)
-            self._mark_moved(ino, gen)
+            self._mark_moved(ino, gen, changed=self._restarts_delay(moving, new_parent, new_name))
             self.journal.execute("INSERT OR REPLACE INTO scopes VALUES (?, ?)", (ino, self._next_seq()))
         self._rename_name(ino, (old_parent, old_name), (new_parent, new_name))  # in memory once journaled
         if target is not None:
@@ -568,8 +572,8 @@ class Namespace:
                 self._add_subdirs(p2, moved)
             self._touch_dir(p1, t, gen)
             self._touch_dir(p2, t, gen)
-            self._mark_moved(i1, gen)
-            self._mark_moved(i2, gen)
+            self._mark_moved(i1, gen, changed=self._restarts_delay(a1, p2, n2))
+            self._mark_moved(i2, gen, changed=self._restarts_delay(a2, p1, n1))
         self._rename_name(i1, (p1, n1), (p2, n2))  # in memory once journaled
         self._rename_name(i2, (p2, n2), (p1, n1))
         self.on_change()
@@ -730,8 +734,17 @@ class Namespace:
                              (new.value, *params, ino))
         return old
 
-    def _mark_moved(self, ino: int, gen: int) -> None:
-        """`ino` (and its subtree) has a new name: republish under it, in the old relative order."""
+    def _restarts_delay(self, moving: Attr, new_parent: int, new_name: bytes) -> bool:
+        """Whether a rename to `new_name` restarts the drain delay and the hold limit of what it
+        moves: into a temporary name, or a file with several names (which one it is published
+        under may change with the rename)."""
+        path = self.path_of_name(new_parent, new_name)
+        return path is None or self.is_temporary(path) or (not moving.is_dir and moving.nlink > 1)
+
+    def _mark_moved(self, ino: int, gen: int, *, changed: bool = True) -> None:
+        """`ino` (and its subtree) has a new name: republish under it, in the old relative order.
+        `changed`: the move counts as a change (drain delay, hold limit); else the time of the
+        last change stays."""
         ids = [ino] + (self.descendants(ino) if self.getattr(ino).is_dir else [])
         rows = self.journal.all(
             f"SELECT id, ready_seq, state FROM inodes WHERE id IN ({','.join('?' * len(ids))}) "
@@ -740,8 +753,11 @@ class Namespace:
         writing = {i for i, _, state in rows if state == DIRTY and self.open.get(i, OpenState()).writers > 0}
         for i, _, _ in sorted(rows, key=lambda r: (r[1] is None, r[1] or 0, r[0])):
             seq = None if i in writing else self._next_seq()
-            self._move_to(i, DIRTY if seq is None else QUEUED, "ready_seq=?, changed_gen=?, changed_at=?",
-                          (seq, gen, time.time()))
+            if changed:
+                self._move_to(i, DIRTY if seq is None else QUEUED, "ready_seq=?, changed_gen=?, changed_at=?",
+                              (seq, gen, time.time()))
+            else:
+                self._move_to(i, DIRTY if seq is None else QUEUED, "ready_seq=?, changed_gen=?", (seq, gen))
 
     def _touch_dir(self, ino: int, t: int, gen: int) -> None:
         """A directory's entries changed: new mtime, and its empty-marker object needs a look."""

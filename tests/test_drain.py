@@ -271,6 +271,36 @@ def test_held_file_is_uploaded_after_hold_limit(make_mount):
     assert m.keys() == {"orphan.tmp": 13}
 
 
+def test_rename_into_place_does_not_restart_the_drain_delay(make_mount):
+    """The delay counts from the last change of content: a file quiet for longer than the delay
+    under its temporary name is uploaded as soon as it is renamed into place."""
+    m = make_mount(options=("--drain-delay", "3"))
+    write_file(m.path / "model.pt.tmp", b"weights")
+    time.sleep(3.2)
+    assert m.state("model.pt.tmp") == "held"
+    os.rename(m.path / "model.pt.tmp", m.path / "model.pt")
+    renamed = time.monotonic()
+    while m.state("model.pt") != "durable" and time.monotonic() - renamed < 1.8:
+        time.sleep(0.05)
+    assert m.state("model.pt") == "durable", "the rename restarted the 3 s drain delay"
+    assert m.keys() == {"model.pt": len(b"weights")}
+
+
+def test_rename_to_a_temporary_name_is_held_anew(make_mount):
+    """A file renamed *to* a temporary name is held for the hold limit from the rename, however long
+    ago its content changed."""
+    m = make_mount(options=("--drain-delay", "0", "--hold-limit", "2"))
+    write_file(m.path / "model.pt", b"weights")
+    m.wait("model.pt")
+    time.sleep(2.2)  # the content is older than the hold limit now
+    os.rename(m.path / "model.pt", m.path / "model.pt.tmp")
+    time.sleep(0.5)
+    assert m.state("model.pt.tmp") == "held"
+    assert "model.pt.tmp" not in m.keys()
+    m.wait("model.pt.tmp", timeout=30)  # then the hold limit ends, as for any held file
+    assert m.keys() == {"model.pt.tmp": len(b"weights")}
+
+
 def test_a_burst_of_creates_costs_passes_per_drain_delay_not_per_file(make_mount):
     """Each scheduler pass reads every pending row: a pass per created file made a burst of small
     files quadratic (issue 13). A change now only brings the next pass forward to its drain delay."""
