@@ -141,8 +141,8 @@ async def _serve_locked(config: Config, journal: Journal, on_ready: Callable[[],
         if cluster is not None:
             wake_drain, poke_cluster = ns.on_change, cluster.poke
 
-            def wake_drain_and_cluster() -> None:
-                wake_drain()
+            def wake_drain_and_cluster(delayed: bool = True) -> None:
+                wake_drain(delayed=delayed)
                 poke_cluster()
             ns.on_change = wake_drain_and_cluster
         space = SpaceGuard(ns, cache, drain, limit_bytes=cache_size_bytes(config, _disk_bytes(cache)),

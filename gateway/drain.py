@@ -152,10 +152,15 @@ class Drain:
         """Pass now (coalesced): a job ended, an inode lost its name, a gate opened, a wait began."""
         self._wake.set()
 
-    def note_change(self) -> None:
+    def note_change(self, delayed: bool = True) -> None:
         """A namespace change. What it makes startable waits out the drain delay from now, so the
         next pass need not come before that: a burst of creates costs one pass per drain delay,
-        not one per file (each pass reads every pending row)."""
+        not one per file (each pass reads every pending row). `delayed=False` (a rename into
+        place, which keeps the files' time of their last change): pass now."""
+        if not delayed:
+            self.wake()
+            self._note_progress()
+            return
         try:
             due = trio.current_time() + self.config.drain_delay_s
         except RuntimeError:  # outside the trio run (start-up, tests): just pass soon

@@ -109,12 +109,14 @@ def check_name(name: bytes) -> None:
 
 
 class Namespace:
-    """The file tree. `on_change` is called (synchronously) after any change the drain must see."""
+    """The file tree. `on_change` is called (synchronously) after any change the drain must see;
+    `on_change(delayed=False)` after a rename whose files keep the time of their last change (they
+    may be due at once, not a drain delay from now)."""
 
     def __init__(self, journal: Journal, *, uid: int, gid: int, on_purge: Callable[[int], None]):
         self.journal = journal
         self.on_purge = on_purge
-        self.on_change: Callable[[], None] = lambda: None
+        self.on_change: Callable[..., None] = lambda delayed=True: None
         self.on_removed: Callable[[int], None] = lambda ino: None  # a name was removed: cancel its uploads
         # Whether a path is a temporary name (the drain's hold rule). A rename into one restarts the
         # hold limit and the drain delay; a rename to a final name keeps the time of the last change
@@ -525,12 +527,13 @@ class Namespace:
                 self._add_subdirs(new_parent, 1)
             self._touch_dir(old_parent, t, gen)
             self._touch_dir(new_parent, t, gen)
-            self._mark_moved(ino, gen, changed=self._restarts_delay(moving, new_parent, new_name))
+            restarted = self._restarts_delay(moving, new_parent, new_name)
+            self._mark_moved(ino, gen, changed=restarted)
             self.journal.execute("INSERT OR REPLACE INTO scopes VALUES (?, ?)", (ino, self._next_seq()))
         self._rename_name(ino, (old_parent, old_name), (new_parent, new_name))  # in memory once journaled
         if target is not None:
             self._forget_name(target, new_parent, new_name)
-        self.on_change()
+        self.on_change(delayed=restarted)
         if old_path is not None and self.on_event is not None:
             self.on_event("rename", old_path, self.path_of(ino) or "")
         return target
@@ -572,11 +575,12 @@ class Namespace:
                 self._add_subdirs(p2, moved)
             self._touch_dir(p1, t, gen)
             self._touch_dir(p2, t, gen)
-            self._mark_moved(i1, gen, changed=self._restarts_delay(a1, p2, n2))
-            self._mark_moved(i2, gen, changed=self._restarts_delay(a2, p1, n1))
+            restarted = [self._restarts_delay(a1, p2, n2), self._restarts_delay(a2, p1, n1)]
+            self._mark_moved(i1, gen, changed=restarted[0])
+            self._mark_moved(i2, gen, changed=restarted[1])
         self._rename_name(i1, (p1, n1), (p2, n2))  # in memory once journaled
         self._rename_name(i2, (p2, n2), (p1, n1))
-        self.on_change()
+        self.on_change(delayed=all(restarted))
         return None
 
     # ---- attributes and content changes ----------------------------------------------
