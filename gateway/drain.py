@@ -333,7 +333,8 @@ class Drain:
                          and self.not_before.get(ino, 0) <= now)
             if free and not startable:
                 due = min(due, self._startable_at(ino, changed_at, held and not staged, now))
-            rows.append(scheduler.Row(ino, path, ancestors, ready_seq, stat.S_ISDIR(mode), held, startable))
+            rows.append(scheduler.Row(ino, path, ancestors, ready_seq, stat.S_ISDIR(mode), held, startable,
+                                      running=ino in self.jobs))
         self._due_wall = due
         return rows
 

@@ -11,10 +11,13 @@ Rules (docs/SEMANTICS.md, "Commit scopes"):
    every other committed scope waits for it, up to the hold limit or for as long as it stays open.
 2. Bandwidth goes to committed scopes, newest first and without preemption: the drain *selects*
    the newest committed scope and keeps it selected until nothing of it is pending; then it selects
-   the newest one at that moment. No second scope is started alongside: under continuous
-   checkpointing the newest scope changes every few seconds, and parts started for a scope that
-   is superseded before it is selected were measured to halve the selected one's speed (the gaps
-   are filled by files outside committed scopes). A committed scope older than the newest durable
+   the newest one at that moment. A selected scope of which no job runs and nothing can start (its
+   rest waits on a writer, a retry's backoff, or other nodes) is not kept: the newest scope that
+   can move is selected instead, so one stuck file or lost node does not stall every checkpoint.
+   No second scope is started alongside: under continuous checkpointing the newest scope changes
+   every few seconds, and parts started for a scope that is superseded before it is selected were
+   measured to halve the selected one's speed (the gaps are filled by files outside committed
+   scopes). A committed scope older than the newest durable
    one is selected only once no newer one is pending, or, if it is *pinned* (`pinned`: a keep
    policy keeps it for good, e.g. one checkpoint an hour), alternating with newer ones
    (`prefer_old`), so it is uploaded even while newer ones keep coming. Either way only after
@@ -49,6 +52,7 @@ class Row:
     is_dir: bool = False
     held: bool = False             # under a temporary name, within the hold limit
     startable: bool = False        # due (closed, quiet, not backing off) and no job running
+    running: bool = False          # a job is publishing it now
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -86,9 +90,17 @@ def plan(rows: Sequence[Row], rename_scopes: Mapping[int, int], rules: ScopeRule
     if gate_renames:
         _gate_renamed_dirs(rows, scopes, scope_of, gate, waiting, gated)
     ready = {r.ino for r in rows if r.startable and r.ino not in waiting and r.ino not in gated}
+    active = {r.ino for r in rows if r.running} | ready
+    moving = {scope_of[ino] for ino in active}
+    moving |= {scope_of[w] for w, deps in waiting.items() if active.intersection(deps)}
+    moving.discard(None)
 
-    if selected not in scopes or not started:  # nothing of it sent yet: a newer commit may still win
-        pick = _pick(scopes, newest_durable_seq, old_ok, pinned, prefer_old)
+    # nothing of it sent yet (a newer commit may still win), or nothing of it can move (it waits on
+    # a writer, a retry, another node): the newest scope that can move is selected instead
+    if selected not in moving or not started:
+        pick = (_pick({root: s for root, s in scopes.items() if root in moving}, newest_durable_seq, old_ok,
+                      pinned, prefer_old)
+                or _pick(scopes, newest_durable_seq, old_ok, pinned, prefer_old))
         if pick is not None and pick != selected:
             prefer_old = not _is_old(scopes[pick], newest_durable_seq)
         selected = pick

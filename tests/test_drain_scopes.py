@@ -61,6 +61,27 @@ def test_a_held_file_in_a_checkpoint_does_not_stall_the_checkpoints_after_it(mak
     assert m.state("1/extra.tmp") == "held"
 
 
+def test_a_file_that_keeps_failing_does_not_stall_the_checkpoints_after_it(proxy, make_mount):
+    """Every PUT of one file of checkpoint 1 is refused (403): its job fails and backs off, and
+    meanwhile the checkpoint saved after it is uploaded (the drain does not keep a scope selected
+    that cannot move). Once the endpoint takes the file, checkpoint 1 completes too."""
+    m = make_mount(endpoint_url=proxy.endpoint_url)
+    proxy.set_faults(error_rate=1.0, error_statuses=(403,),
+                     match=lambda method, path, query: method == "PUT" and path.endswith("/1/bad"))
+    (m.path / "1.tmp").mkdir()
+    write_file(m.path / "1.tmp" / "bad", b"refused for now")
+    write_file(m.path / "1.tmp" / "good", b"fine")
+    os.rename(m.path / "1.tmp", m.path / "1")
+    wait_until(lambda: m.status()["errors_total"] >= 2, 30, "retries of 1/bad")
+    write_file(m.path / "2.tmp", b"the next checkpoint")
+    os.rename(m.path / "2.tmp", m.path / "2")
+    m.wait("2", timeout=30)
+    assert m.state("1/bad") != "durable"
+    proxy.set_faults()
+    m.wait(timeout=120)
+    assert_bucket_matches_mount(m)
+
+
 def test_pending_checkpoint_deleted_locally_never_reaches_the_bucket(proxy, make_mount):
     """rmtree of a checkpoint while its multipart upload is in flight: the upload is aborted, no key
     of it is ever visible, and the drain goes on with the next one."""

@@ -123,17 +123,27 @@ def wait_drained(mount_root: Path, timeout: float = 30) -> None:
         if status["durable_through_generation"] >= target:
             return
         assert time.monotonic() < deadline, (f"drain did not settle in {timeout}s: {status}; "
-                                             f"pending: {pending_rows(Path(status['cache_dir']))}")
+                                             f"{pending_evidence(Path(status['cache_dir']))}")
         time.sleep(0.05)
 
 
 def pending_rows(cache_dir: Path) -> list[tuple]:
-    """The journal's pending inodes and their names, read beside the daemon (a failure's evidence)."""
+    """The journal's pending inodes (id, mode, state, size, content_dirty, path), read beside the
+    daemon: a failure's evidence."""
     with sqlite3.connect(f"file:{cache_dir / 'journal.db'}?mode=ro", uri=True) as conn:
-        return conn.execute("SELECT i.id, i.mode, i.nlink, i.state, i.size, i.content_dirty, "
-                            "group_concat(d.parent || ':' || CAST(d.name AS TEXT)) FROM inodes i "
-                            "LEFT JOIN dentries d ON d.inode = i.id WHERE i.state <> 'durable' "
-                            "GROUP BY i.id").fetchall()
+        return conn.execute(
+            "WITH RECURSIVE p(inode, path) AS (SELECT inode, CAST(name AS TEXT) FROM dentries WHERE parent=1 "
+            "UNION ALL SELECT d.inode, p.path || '/' || CAST(d.name AS TEXT) FROM dentries d "
+            "JOIN p ON d.parent = p.inode) "
+            "SELECT i.id, i.mode, i.state, i.size, i.content_dirty, p.path FROM inodes i "
+            "LEFT JOIN p ON p.inode = i.id WHERE i.state <> 'durable' ORDER BY i.id").fetchall()
+
+
+def pending_evidence(cache_dir: Path) -> str:
+    """The pending rows and the operations of every example that has a pending file not held."""
+    rows = pending_rows(cache_dir)
+    examples = sorted({path.split("/")[0] for *_, path in rows if path and not is_held(path)})
+    return f"pending: {rows}; " + "; ".join(f"{ex}: {Context.logs.get(ex)}" for ex in examples)
 
 
 class SideBySide(RuleBasedStateMachine):
@@ -407,7 +417,10 @@ def test_mount_behaves_like_a_local_directory(make_mount, tmp_path):
     assert len(list(m.path.iterdir())) >= 30, "the machine must have run its examples in the mount"
 
     # Everything drained: the bucket equals the namespace (held temporary names excluded), byte for byte.
-    m.wait(timeout=120)
+    try:
+        m.wait(timeout=120)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; status: {m.status()}; {pending_evidence(m.cache_dir)}") from None
     expected = {k: v for k, v in expected_objects(m.path).items() if checked_in_bucket(k)}
     deadline = time.monotonic() + 60
     keys = {k: v for k, v in m.keys().items() if checked_in_bucket(k)}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import trio
 
@@ -298,7 +300,34 @@ def test_a_selected_scope_nothing_of_which_was_sent_yields_to_a_newer_commit():
     t.file("2/shard", 2, startable=False)
     scopes = {t.dirs["1"]: 10, t.dirs["2"]: 20}
     assert plan(t.rows, scopes, RULES, selected=p.selected, started=False).selected == t.dirs["2"]
+    t.rows[0] = dataclasses.replace(t.rows[0], running=True)  # a job of 1 was started and runs
     assert plan(t.rows, scopes, RULES, selected=p.selected, started=True).selected == t.dirs["1"]
+
+
+def test_a_selected_scope_that_cannot_move_yields_to_the_newest_that_can():
+    """Nothing of the selected scope runs and nothing can start (a file backing off after errors,
+    a marker waiting for a lost node): the newest scope that can move is selected, not the stuck
+    one, and not a newer scope that is stuck too."""
+    t = Tree()
+    stuck = t.file("1/shard", 1, startable=False)  # backing off
+    older = t.file("0/shard", 0)
+    t.file("2/shard", 2, startable=False)  # within the drain delay
+    scopes = {t.dirs["0"]: 5, t.dirs["1"]: 10, t.dirs["2"]: 20}
+    p = plan(t.rows, scopes, RULES, selected=t.dirs["1"], started=True)
+    assert p.selected == t.dirs["0"] and p.start == [older] and stuck not in p.start
+    kept = plan(t.rows, scopes, RULES, selected=t.dirs["0"], started=True)
+    assert kept.selected == t.dirs["0"]  # it moves: kept
+
+
+def test_a_selected_scope_whose_marker_waits_on_running_files_is_kept():
+    t = Tree()
+    shard = t.file("1/shard", 1, startable=False)
+    t.rows[-1] = dataclasses.replace(t.rows[-1], running=True)
+    t.file("1/COMMIT", 2)
+    t.file("2/shard", 3)
+    t.file("2/COMMIT", 4)
+    p = plan(t.rows, {}, RULES, selected=t.dirs["1"], started=True)
+    assert p.selected == t.dirs["1"] and shard not in p.start
 
 
 def test_several_nodes_a_renamed_directory_publishes_its_closing_file_last_and_through_the_gate():
