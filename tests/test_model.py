@@ -130,7 +130,7 @@ def wait_drained(mount_root: Path, timeout: float = 30) -> None:
 def pending_rows(cache_dir: Path) -> list[tuple]:
     """The journal's pending inodes (id, mode, state, size, content_dirty, path), read beside the
     daemon: a failure's evidence."""
-    with sqlite3.connect(f"file:{cache_dir / 'journal.db'}?mode=ro", uri=True) as conn:
+    with sqlite3.connect(f"file:{cache_dir / 'journal.db'}?mode=ro", uri=True, timeout=10) as conn:
         return conn.execute(
             "WITH RECURSIVE p(inode, path) AS (SELECT inode, CAST(name AS TEXT) FROM dentries WHERE parent=1 "
             "UNION ALL SELECT d.inode, p.path || '/' || CAST(d.name AS TEXT) FROM dentries d "
