@@ -65,7 +65,7 @@ def test_two_node_dcp_marker_never_before_either_shard(make_mount, throttled, tm
     assert a.status()["cluster"]["commits"] == []  # done: nothing left waiting
 
 
-def test_lost_node_marker_never_published(make_mount, throttled, tmp_path):
+def test_lost_node_marker_never_published_and_later_checkpoints_do_not_wait(make_mount, throttled, tmp_path):
     a = make_mount("a", options=cluster_options("a"))
     throttled.set_bandwidth(256 << 10)  # b's shard would need ~24 s
     b = make_mount("b", options=cluster_options("b"), endpoint_url=throttled.endpoint_url)
@@ -95,6 +95,13 @@ def test_lost_node_marker_never_published(make_mount, throttled, tmp_path):
     new_member = "b@" + json.loads(os.getxattr(b2.path, "user.ckptfs.status"))["cluster"]["incarnation"]
     assert any(k.startswith(".ckptfs/commits/run1%2Fstep_1/") and k.endswith(new_member) for k in a.keys())
     assert commit["waiting_for"][0]["node"] != new_member
+    # the next checkpoint, saved on a alone, is uploaded and committed while step_1 still waits
+    (a.path / "run1" / "step_2").mkdir()
+    for name, body in (("__0_0.distcp", b"shard of step 2"), (".metadata", b"metadata of step 2")):
+        with open(a.path / "run1" / "step_2" / name, "wb") as f:
+            f.write(body)
+    wait_until(lambda: "run1/step_2/.metadata" in a.keys(), 60, "step_2 to commit without the lost node")
+    assert a.state("run1/step_1") == "pending" and marker not in a.keys()
 
 
 def test_removing_a_checkpoint_whose_commit_waits_for_a_lost_node_leaves_nothing_pending(make_mount, throttled,
