@@ -21,12 +21,13 @@ def first_index(snapshots, predicate) -> int | None:
 
 
 def test_newest_committed_checkpoint_is_uploaded_first(proxy, make_mount):
-    """Two Orbax-style checkpoints renamed into place together: the newer one becomes complete in
-    the bucket before any object of the older one is visible."""
+    """Orbax-style checkpoints on a slow uplink: 1 is renamed into place and uploads; 2 and 3 are
+    renamed while it does. 1 is not preempted, and then the newest (3) becomes complete in the
+    bucket before any object of 2 is visible."""
     m = make_mount(endpoint_url=proxy.endpoint_url,
                    options=("--drain-delay", "0.3", "--part-size", "5MiB", "--upload-concurrency", "2"))
     proxy.set_bandwidth(16 * MiB)
-    for step in (1, 2):
+    for step in (1, 2, 3):
         tmp = m.path / f"{step}.orbax-checkpoint-tmp-{step}"
         tmp.mkdir()
         for r in range(2):
@@ -34,13 +35,19 @@ def test_newest_committed_checkpoint_is_uploaded_first(proxy, make_mount):
     client = m.s3.boto3_client()
     with BucketWatcher(client, m.bucket, "run") as watcher:
         os.rename(m.path / "1.orbax-checkpoint-tmp-1", m.path / "1")
+        wait_until(lambda: m.state("1/shard0") == "uploading" or m.state("1/shard1") == "uploading", 30,
+                   "checkpoint 1 to start uploading")
         os.rename(m.path / "2.orbax-checkpoint-tmp-2", m.path / "2")
+        os.rename(m.path / "3.orbax-checkpoint-tmp-3", m.path / "3")
         m.wait(timeout=120)
-    newer = {"2/shard0", "2/shard1"}
-    newer_done = first_index(watcher.snapshots, lambda s: newer <= s)
-    older_seen = first_index(watcher.snapshots, lambda s: any(k.startswith("1/") for k in s))
-    assert newer_done is not None and older_seen is not None
-    assert newer_done <= older_seen, "the newest committed checkpoint must be complete before the older one shows"
+    first, newest = {"1/shard0", "1/shard1"}, {"3/shard0", "3/shard1"}
+    first_done = first_index(watcher.snapshots, lambda s: first <= s)
+    newest_seen = first_index(watcher.snapshots, lambda s: any(k.startswith("3/") for k in s))
+    newest_done = first_index(watcher.snapshots, lambda s: newest <= s)
+    older_seen = first_index(watcher.snapshots, lambda s: any(k.startswith("2/") for k in s))
+    assert None not in (first_done, newest_seen, newest_done, older_seen)
+    assert first_done <= newest_seen, "the checkpoint uploading when newer ones were committed must not be preempted"
+    assert newest_done <= older_seen, "the newest committed checkpoint must be complete before the older one shows"
     assert not watcher.keys_matching("*orbax-checkpoint-tmp*")
     assert_bucket_matches_mount(m)
 
