@@ -157,12 +157,8 @@ class Drain:
         next pass need not come before that: a burst of creates costs one pass per drain delay,
         not one per file (each pass reads every pending row). `delayed=False` (a rename into
         place, which keeps the files' time of their last change): pass now."""
-        if not delayed:
-            self.wake()
-            self._note_progress()
-            return
         try:
-            due = trio.current_time() + self.config.drain_delay_s
+            due = trio.current_time() + (self.config.drain_delay_s if delayed else 0.0)
         except RuntimeError:  # outside the trio run (start-up, tests): just pass soon
             self.wake()
             return

@@ -755,13 +755,11 @@ class Namespace:
             f"AND NOT {LOCAL_ONLY_SQL}", tuple(ids)
         )
         writing = {i for i, _, state in rows if state == DIRTY and self.open.get(i, OpenState()).writers > 0}
+        now = time.time() if changed else None  # None: the time of the last change stays
         for i, _, _ in sorted(rows, key=lambda r: (r[1] is None, r[1] or 0, r[0])):
             seq = None if i in writing else self._next_seq()
-            if changed:
-                self._move_to(i, DIRTY if seq is None else QUEUED, "ready_seq=?, changed_gen=?, changed_at=?",
-                              (seq, gen, time.time()))
-            else:
-                self._move_to(i, DIRTY if seq is None else QUEUED, "ready_seq=?, changed_gen=?", (seq, gen))
+            self._move_to(i, DIRTY if seq is None else QUEUED,
+                          "ready_seq=?, changed_gen=?, changed_at=coalesce(?, changed_at)", (seq, gen, now))
 
     def _touch_dir(self, ino: int, t: int, gen: int) -> None:
         """A directory's entries changed: new mtime, and its empty-marker object needs a look."""
