@@ -309,8 +309,12 @@ class Operations(pyfuse3.Operations):
                 await self._ensure_local(inode, whole=writable)
             info = self._open_handle(inode, flags)
         if truncating and self.ns.getattr(inode).size:
-            content.truncate(self.ns, self.cache, inode, 0)
-            self.ns.setattr(inode, size=0)
+            try:
+                content.truncate(self.ns, self.cache, inode, 0)
+                self.ns.setattr(inode, size=0)
+            except BaseException:
+                self._close_handle(info.fh)  # the kernel gets no handle, so no release would come
+                raise
         return info
 
     def _pinned(self, ino: int):
@@ -365,6 +369,13 @@ class Operations(pyfuse3.Operations):
         await self.control.commit_durable()
 
     async def release(self, fh):
+        handle = self._close_handle(fh)
+        if self.drop_kernel_pages is not None and self._holds_written_pages(handle):
+            await self.drop_kernel_pages(handle.ino)  # the data file holds them now: one copy, not two
+
+    def _close_handle(self, fh: int) -> Handle:
+        """Forget the handle: the namespace's open count (a writer's close queues the file) and the
+        data file's descriptor."""
         handle = self.handles.pop(fh)
         try:
             self.ns.closed(handle.ino, handle.writable)
@@ -374,8 +385,7 @@ class Operations(pyfuse3.Operations):
             log.exception("release of inode %d failed", handle.ino)
         finally:
             self.cache.release(handle.ino)
-        if self.drop_kernel_pages is not None and self._holds_written_pages(handle):
-            await self.drop_kernel_pages(handle.ino)  # the data file holds them now: one copy, not two
+        return handle
 
     def _holds_written_pages(self, handle: Handle) -> bool:
         """After the last writer of a large file closes, the kernel's pages of it are a second copy."""

@@ -110,6 +110,32 @@ def test_journal_that_cannot_be_written_makes_the_mount_read_only(small_fs, make
     assert sorted(os.listdir(m.path)) == ["after.bin", "keep.bin", "other.bin"]
 
 
+def test_an_open_whose_truncation_fails_leaves_no_writer_behind(make_mount):
+    """open(O_TRUNC) that fails after its handle was made (here the data file refuses the
+    truncation: append-only) must not count a writer that no release will ever end, or the file's
+    next close would not queue it and it would never drain."""
+    m = make_mount(options=("--drain-delay", "0"))
+    f = m.path / "f"
+    write_file(f, b"old content")
+    m.wait("f", timeout=30)
+    ino = os.stat(f).st_ino
+    data = m.cache_dir / "data" / f"{ino % 256:02x}" / str(ino)
+    reader = os.open(f, os.O_RDONLY)  # keeps the daemon's descriptor of the data file open
+    subprocess.run(["chattr", "+a", str(data)], check=True)
+    try:
+        with pytest.raises(OSError) as caught:
+            os.open(f, os.O_WRONLY | os.O_TRUNC)
+        assert caught.value.errno == errno.EPERM
+    finally:
+        subprocess.run(["chattr", "-a", str(data)], check=True)
+        os.close(reader)
+    assert f.read_bytes() == b"old content", "a failed open truncates nothing"
+    write_file(f, b"new")
+    m.wait("f", timeout=30)
+    body = m.s3.boto3_client().get_object(Bucket=m.bucket, Key=f"{m.prefix}/f")["Body"].read()
+    assert body == b"new"
+
+
 @pytest.mark.trio
 async def test_a_service_that_raises_is_restarted_not_fatal(autojump_clock):
     runs = []
