@@ -21,6 +21,13 @@ how much of the slowdown is the 2-core machine (moto + uploader + writer) rather
 With --drain-elsewhere, the pair is also measured with the drain in another process: "busy" writes
 through a second mount (drain delay 1 h) while the first drains BG-SIZE. An upper bound for a
 daemon whose drain runs in its own process with its own event loop.
+
+With --fuse-reference, the same second mount is written while a boto3 upload_file of BG-SIZE runs
+in another process (as for --reference): the FUSE write path under a boto3 upload, which tells the
+machine's share (FUSE costs CPU a plain write does not) from the uploader's.
+
+CKPTFS_BENCH_MOTO_DIR=/dev/shm/... keeps moto's object files in memory: a real endpoint does not
+write what it receives to the node's disk.
 """
 
 from __future__ import annotations
@@ -66,12 +73,16 @@ s3.upload_file(sys.argv[2], sys.argv[3], "ref/bg")
 """
 
 
-def reference_pair(server, base, size: int, bg: int) -> dict:
+def reference_pair(server, base, size: int, bg: int, target=None) -> dict:
+    """Idle and busy writes to `target` (default: a plain directory), busy meaning during a boto3
+    upload of a BG-SIZE plain file in another process."""
     import subprocess
     import sys
     d = base / "ref"
     d.mkdir(exist_ok=True)
-    write_plain_file(d / "bg", bg)
+    if not (d / "bg").exists():
+        write_plain_file(d / "bg", bg)
+    target = target or d
     bucket = "bench-ref"
     try:
         server.make_bucket(bucket)
@@ -87,8 +98,8 @@ def reference_pair(server, base, size: int, bg: int) -> dict:
             time.sleep(1.0)  # parts flowing
         os.sync()  # as for the mount: no writeback of earlier writes inside the timed write
         try:
-            w = write_checkpoint(d, "y", size)
-            (d / "y").unlink()
+            w = write_checkpoint(target, "y", size)
+            (target / "y").unlink()
             out[v] = w["total"]
             if proc is not None:
                 out["still_uploading"] = proc.poll() is None
@@ -125,6 +136,8 @@ def main(argv=None) -> dict:
                     help="also measure a plain-dir write idle vs during a boto3 upload (machine contention)")
     ap.add_argument("--drain-elsewhere", action="store_true",
                     help="also measure the write through a second mount while the first one drains")
+    ap.add_argument("--fuse-reference", action="store_true",
+                    help="also measure the write through a second mount during a boto3 upload")
     args = ap.parse_args(argv)
     size, bg = parse_size(args.size), parse_size(args.bg_size)
     res: dict[str, list[dict]] = {"idle": [], "busy": []}
@@ -157,6 +170,14 @@ def main(argv=None) -> dict:
                 elsewhere.append(elsewhere_pair(server, base, m, size, bg))
                 log(f"drain elsewhere round {rnd + 1}: idle {elsewhere[-1]['idle']:.2f}s, while another daemon "
                     f"drains {elsewhere[-1]['busy']:.2f}s (still uploading: {elsewhere[-1]['still_uploading']})")
+        fuse_ref = []
+        if args.fuse_reference:
+            with Mount(server, base, drain_delay_s=3600) as other:
+                for rnd in range(args.repeat):
+                    fuse_ref.append(reference_pair(server, base, size, bg, target=other.mnt))
+                    r = fuse_ref[-1]
+                    log(f"fuse reference round {rnd + 1}: second mount idle {r['idle']:.2f}s, during a boto3 "
+                        f"upload {r['busy']:.2f}s (upload still running: {r['still_uploading']})")
         ref = []
         if args.reference:
             for rnd in range(args.repeat):
@@ -180,6 +201,10 @@ def main(argv=None) -> dict:
         extra = {"reference_plain_ratio": round(ref_ratio, 3),
                  "reference_trials_s": [{k: (round(x, 3) if isinstance(x, float) else x) for k, x in r.items()}
                                         for r in ref]}
+    if fuse_ref:
+        fuse_ratio = median([r["idle"] for r in fuse_ref]) / median([r["busy"] for r in fuse_ref])
+        print(f"reference, second mount: throughput during a boto3 upload / idle = {fuse_ratio:.3f}")
+        extra["reference_fuse_ratio"] = round(fuse_ratio, 3)
     if elsewhere:
         other = median([r["idle"] for r in elsewhere]) / median([r["busy"] for r in elsewhere])
         print(f"drain in another process: throughput busy / idle = {other:.3f}")
