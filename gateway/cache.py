@@ -19,6 +19,7 @@ from gateway.spare_files import SpareFiles
 
 log = logging.getLogger(__name__)
 
+DATA_DIR = "data"  # under the cache dir: one data file per inode, in 256 subdirectories
 # Writes at least this large go to a worker thread; smaller ones cost less than the thread hop.
 THREADED_WRITE_BYTES = 64 * 1024
 
@@ -28,11 +29,16 @@ class CacheStatistics:
     open_files: int
 
 
+def data_file_path(cache_dir: str | Path, ino: int) -> Path:
+    """Where the data file of inode `ino` lives under a cache dir."""
+    return Path(cache_dir) / DATA_DIR / f"{ino % 256:02x}" / str(ino)
+
+
 class CacheFiles:
     """Data files under `<cache_dir>/data/`. Descriptors are shared per inode and reference counted."""
 
     def __init__(self, cache_dir: Path):
-        self.root = Path(cache_dir) / "data"
+        self.root = Path(cache_dir) / DATA_DIR
         self.root.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
         os.chmod(self.root, PRIVATE_DIR_MODE)
         self._fds: dict[int, list[int]] = {}  # inode -> [fd, references]
@@ -42,7 +48,7 @@ class CacheFiles:
         self.spares = SpareFiles(self.root / "spare")  # filled by the daemon (`spares.run`)
 
     def path(self, ino: int) -> Path:
-        return self.root / f"{ino % 256:02x}" / str(ino)
+        return data_file_path(self.root.parent, ino)
 
     def _scan_used(self) -> int:
         total = 0

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.cache import data_file_path
 from tests.support.s3server import ACCESS_KEY, SECRET_KEY, S3Server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,6 +110,10 @@ class Mount:
                 pass
             _wait_gone(self.pid)
             self.pid = None
+
+    def data_file(self, rel: str) -> Path:
+        """The cache data file of the file at `rel` in the mount."""
+        return data_file_path(self.cache_dir, os.stat(self.path / rel).st_ino)
 
     def keys(self) -> dict[str, int]:
         """Keys under the prefix (relative) -> size, straight from the bucket."""

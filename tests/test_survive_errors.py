@@ -118,8 +118,7 @@ def test_an_open_whose_truncation_fails_leaves_no_writer_behind(make_mount):
     f = m.path / "f"
     write_file(f, b"old content")
     m.wait("f", timeout=30)
-    ino = os.stat(f).st_ino
-    data = m.cache_dir / "data" / f"{ino % 256:02x}" / str(ino)
+    data = m.data_file("f")
     reader = os.open(f, os.O_RDONLY)  # keeps the daemon's descriptor of the data file open
     subprocess.run(["chattr", "+a", str(data)], check=True)
     try:
